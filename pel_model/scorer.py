@@ -1,0 +1,64 @@
+"""From a configured checkpoint to calibrated fake probabilities.
+
+`Scorer` wraps a backend with the checkpoint's calibration: `p = sigmoid(logit / T)` and the
+decision threshold. A model that was never trained or never calibrated is reported loudly here
+and carried in `warnings`, which the service copies into every verdict.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backends import Backend, create_backend
+from .checkpoint import CheckpointMeta, file_digest, load_checkpoint
+from .config import DetectorConfig
+from .pel import PEL
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scorer:
+    backend: Backend
+    meta: CheckpointMeta
+    threshold: float
+    model_id: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def input_size(self) -> int:
+        return self.backend.input_size
+
+    def probabilities(self, crops: np.ndarray) -> np.ndarray:
+        logits = self.backend.logits(crops).astype(np.float64)
+        return (1.0 / (1.0 + np.exp(-logits / self.meta.temperature))).astype(np.float32)
+
+
+def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
+    """Load the configured checkpoint (or an untrained model, loudly) on the best backend."""
+    artifacts = Path(cfg.artifacts_dir).expanduser()
+    if cfg.checkpoint is not None:
+        model, meta = load_checkpoint(cfg.checkpoint)
+        tag = file_digest(cfg.checkpoint)
+        onnx_path = artifacts / f"pel-{tag}.onnx"
+    else:
+        torch.manual_seed(0)
+        model, meta, tag = PEL(cfg.model), CheckpointMeta(model=cfg.model), "untrained"
+        onnx_path = Path(tempfile.mkdtemp(prefix="pel-untrained-")) / "pel.onnx"
+    warnings = []
+    if not meta.trained:
+        warnings.append("model was never trained: its scores are meaningless")
+    elif not meta.calibrated:
+        warnings.append("model was never calibrated: probabilities and threshold are uncalibrated")
+    for w in warnings:
+        log.warning("PEL MODEL WARNING: %s (checkpoint: %s)", w, cfg.checkpoint or "none configured")
+    backend = create_backend(model, cfg.backend, device, cfg.precision, onnx_path)
+    threshold = cfg.threshold if cfg.threshold is not None else meta.threshold
+    m = meta.model
+    model_id = f"pel-{m.backbone}-{m.input_size}/{tag}/{backend.describe()}"
+    return Scorer(backend, meta, threshold, model_id, warnings)

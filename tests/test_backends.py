@@ -1,0 +1,88 @@
+"""ONNX export and the inference backends, checked against PyTorch."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pel_model.backends import OnnxRuntimeBackend, TorchBackend, create_backend
+from pel_model.checkpoint import CheckpointMeta, save_checkpoint
+from pel_model.config import DetectorConfig
+from pel_model.export import export_onnx
+from pel_model.scorer import load_scorer
+
+from model_utils import SMALL, face_batch, small_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model(seed=1)
+
+
+@pytest.fixture(scope="module")
+def onnx_path(model, tmp_path_factory):
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "pel.onnx")
+
+
+def test_onnx_graph_is_valid_with_dynamic_batch(onnx_path):
+    m = onnx.load(str(onnx_path))
+    onnx.checker.check_model(m, full_check=True)
+    dim0 = m.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert not any(n.op_type.startswith("Median") for n in m.graph.node)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 32])
+def test_onnxruntime_matches_pytorch(model, onnx_path, batch):
+    crops = face_batch(batch, 224, seed=batch)
+    with torch.no_grad():
+        ref = torch.sigmoid(model(torch.from_numpy(crops))).numpy()
+    got = 1 / (1 + np.exp(-OnnxRuntimeBackend(onnx_path, 224).logits(crops)))
+    if batch > 1:
+        assert ref.std() > 1e-3  # the model's outputs depend on its input
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+
+
+def test_torch_backend_and_auto_selection(model, onnx_path):
+    crops = face_batch(4, 224)
+    tb = TorchBackend(model)
+    auto = create_backend(model, "auto", "cpu", onnx_path=onnx_path)
+    assert isinstance(auto, OnnxRuntimeBackend) and auto.describe() == "onnxruntime:cpu:fp32"
+    np.testing.assert_allclose(auto.logits(crops), tb.logits(crops), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="CUDA"):
+        TorchBackend(model, "cpu", "fp16")
+    with pytest.raises(ValueError, match="unknown backend"):
+        create_backend(model, "tpu", "cpu")
+    for backend in (tb, auto):
+        with pytest.raises(ValueError, match="uint8"):
+            backend.logits(crops.astype(np.float32))
+        with pytest.raises(ValueError, match="224x224"):
+            backend.logits(face_batch(1, 96))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-3), ("fp16", 2e-2)])
+def test_torch_cuda_backend_matches_cpu(model, precision, atol):
+    crops = face_batch(8, 224)
+    ref = 1 / (1 + np.exp(-TorchBackend(model).logits(crops)))
+    got = 1 / (1 + np.exp(-TorchBackend(small_model(seed=1), "cuda", precision).logits(crops)))
+    np.testing.assert_allclose(got, ref, atol=atol)
+
+
+def test_scorer_applies_checkpoint_calibration(model, tmp_path):
+    meta = CheckpointMeta(model=SMALL, temperature=2.0, threshold=0.3, trained=True, calibrated=True)
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, meta)
+    scorer = load_scorer(DetectorConfig(checkpoint=ckpt, artifacts_dir=tmp_path / "art"), device="cpu")
+    crops = face_batch(5, 224)
+    logits = TorchBackend(model).logits(crops)
+    np.testing.assert_allclose(scorer.probabilities(crops), 1 / (1 + np.exp(-logits / 2.0)), atol=1e-4)
+    assert scorer.threshold == 0.3 and not scorer.warnings
+    assert scorer.model_id.startswith("pel-efficientnet_b0-224/") and "onnxruntime" in scorer.model_id
+    assert list((tmp_path / "art").glob("*.onnx"))  # the export is cached beside the checkpoint's hash
+
+
+def test_untrained_model_warns_loudly(tmp_path, caplog):
+    cfg = DetectorConfig(model=SMALL, backend="torch", artifacts_dir=tmp_path)
+    scorer = load_scorer(cfg, device="cpu")
+    assert any("never trained" in w for w in scorer.warnings)
+    assert "never trained" in caplog.text and "/untrained/" in scorer.model_id
