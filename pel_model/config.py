@@ -80,6 +80,10 @@ class RedisConfig(_Strict):
 
     url: Optional[str] = None
     prefix: str = "pel"
+    # Embedded server (url unset): fixed loopback port and an append-only data dir, so jobs
+    # survive an application restart and `redis-cli -p 6399` reaches it.
+    embedded_port: int = Field(6399, ge=1, le=65535)
+    embedded_dir: Path = Path("~/.cache/pel-moderation/redis")
     verdict_stream_maxlen: int = Field(100_000, ge=100)
     publish_verdicts: bool = True
 
@@ -178,6 +182,20 @@ class TrainConfig(_Strict):
     steps_per_epoch: Optional[int] = Field(None, ge=1)
     self_blended: Literal["off", "mix", "only"] = "off"
     seed: int = 0
+    # Data preparation (`pel prepare`): frames sampled evenly per video, crop cache format.
+    frames_per_video: int = Field(50, ge=1)
+    crop_format: Literal["png", "jpg", "npz"] = "png"
+    # Ray Train run: `storage_path/run_name` holds Ray's checkpoints; re-running resumes.
+    run_name: str = "pel"
+    storage_path: Path = Path("runs")
+    checkpoints_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    augment: bool = True
+    loader_threads: int = Field(2, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    # Calibration: decision threshold at this false-positive rate on real faces.
+    target_fpr: float = Field(0.01, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _even_batch(self) -> "TrainConfig":

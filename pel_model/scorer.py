@@ -7,11 +7,12 @@ and carried in `warnings`, which the service copies into every verdict.
 from __future__ import annotations
 
 import logging
-import tempfile
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 
 from .backends import Backend, create_backend
@@ -47,9 +48,12 @@ def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
         tag = file_digest(cfg.checkpoint)
         onnx_path = artifacts / f"pel-{tag}.onnx"
     else:
+        # Deterministic random weights: the export is cached under config and library versions.
         torch.manual_seed(0)
-        model, meta, tag = PEL(cfg.model), CheckpointMeta(model=cfg.model), "untrained"
-        onnx_path = Path(tempfile.mkdtemp(prefix="pel-untrained-")) / "pel.onnx"
+        model = PEL(cfg.model, load_pretrained=False)
+        meta, tag = CheckpointMeta(model=cfg.model), "untrained"
+        key = f"{cfg.model.model_dump_json()}|{torch.__version__}|{timm.__version__}"
+        onnx_path = artifacts / f"pel-untrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.onnx"
     warnings = []
     if not meta.trained:
         warnings.append("model was never trained: its scores are meaningless")

@@ -1,0 +1,42 @@
+"""Shared fixtures. Redis: one real redis-server per test session, flushed before each test."""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import pytest
+import redis
+
+from workers.redis_server import EmbeddedRedis
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    # PEL_TEST_REDIS_SERVER=/path/to/redis-server runs the suite against another binary.
+    with EmbeddedRedis(binary=os.environ.get("PEL_TEST_REDIS_SERVER") or None) as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[dict]:
+    """One local Ray cluster (with Serve) per test session; yields its metrics export port."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from media import free_port
+
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=port,
+             ignore_reinit_error=True, log_to_driver=False,
+             runtime_env={"env_vars": {"PEL_ORT_THREADS": "2"}})
+    yield {"metrics_port": port}
+    from ray import serve
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,145 @@
+"""End to end: the application built from deploy/app.yaml on a real local Ray cluster, a real
+redis-server, real encoded videos served over HTTP and HLS from a local server."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import redis
+from ray import serve
+
+from model_utils import SMALL, small_model
+from media import astronaut, corrupt_copy, free_port, make_face_video, make_hls, serve_directory
+from pel_model.checkpoint import CheckpointMeta, save_checkpoint
+from workers.app import build_app
+from workers.cli import DEFAULT_CONFIG, load_config
+from workers.queue import JobQueue
+from workers.verdicts import VerdictStore
+
+pytestmark = pytest.mark.slow
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    make_face_video(root / "face.mp4", [astronaut()], seconds=5.0)
+    make_face_video(root / "long.mp4", [astronaut()], seconds=24.0)
+    make_hls(root / "face.mp4", root / "hls", segment_s=1.0)
+    corrupt_copy(root / "face.mp4", root / "corrupt.mp4")
+    with serve_directory(root) as base:
+        yield {"root": root, "base": base}
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, redis_url, media, tmp_path_factory):
+    art = tmp_path_factory.mktemp("artifacts")
+    ckpt = save_checkpoint(art / "small.safetensors", small_model(), CheckpointMeta(model=SMALL))
+    base = load_config(DEFAULT_CONFIG).model_dump(mode="json")
+    base["redis"].update(url=redis_url, prefix="e2e")
+    base["intake"].update(lease_seconds=3.0, max_attempts=2, stream_workers=2,
+                          streams_per_worker=2, poll_block_ms=200)
+    base["stream"].update(clip_seconds=2.0, open_timeout_s=3.0, read_timeout_s=3.0,
+                          stall_timeout_s=5.0, max_reconnects=1, backoff_initial_s=0.2)
+    base["urls"].update(allow_private_addresses=True,
+                        file_roots=[str(media["root"]), str(SHARED / "videos")])
+    base["detector"].update(checkpoint=str(ckpt), model=SMALL.model_dump(mode="json"),
+                            artifacts_dir=str(art), max_batch_size=16)
+    cfg = build_app(base)
+    serve.run(cfg, name="pel", route_prefix="/pel")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    from pel_model.config import AppConfig
+    app_cfg = AppConfig.model_validate(base)
+    queue = JobQueue(client, app_cfg.redis, app_cfg.intake, "test")
+    yield {"queue": queue, "store": VerdictStore(client, app_cfg.redis), "redis": client,
+           "cfg": app_cfg}
+    serve.delete("pel")
+
+
+def wait_jobs(queue: JobQueue, ids: list[str], timeout: float = 240.0) -> dict[str, dict]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = {i: queue.state(i) or {} for i in ids}
+        if all(s.get("state") in ("done", "failed") for s in states.values()):
+            return states
+        time.sleep(0.5)
+    raise AssertionError(f"jobs did not finish: {json.dumps(states, default=str)[:2000]}")
+
+
+def test_jobs_over_http_hls_and_file_yield_clips_with_faces(service, media):
+    q, store = service["queue"], service["store"]
+    ids = [q.push(f"{media['base']}/face.mp4"),
+           q.push({"url": f"{media['base']}/hls/index.m3u8", "id": "hls-job"}),
+           q.push(f"file://{media['root'] / 'face.mp4'}")]
+    states = wait_jobs(q, ids)
+    for job_id in ids:
+        assert states[job_id]["state"] == "done", states[job_id]
+        clips = store.clips(job_id)
+        assert [c["clip_index"] for c in clips] == [0, 1, 2]  # 5 s in 2 s clips
+        assert clips[-1]["end_s"] == pytest.approx(5.0, abs=0.6)
+        for c in clips:
+            assert c["faces_scored"] >= c["frames_sampled"] >= 3, c
+            assert c["label"] in ("real", "fake") and 0 <= c["fake_probability"] <= 1
+            assert c["model"].startswith("pel-efficientnet_b0-224/")
+            assert any("never trained" in w for w in c["warnings"])
+            box = c["top_frames"][0]["box"]
+            assert 150 < (box[0] + box[2]) / 2 < 500 and box[2] - box[0] > 40
+        assert states[job_id]["clips_done"] == 3 and states[job_id]["faces_scored"] >= 9
+
+
+def test_bad_jobs_end_as_dead_letters_while_others_finish(service, media):
+    q = service["queue"]
+    port = free_port()  # nothing listens there
+    bad = {
+        "corrupt": q.push(f"{media['base']}/corrupt.mp4"),
+        "unreachable": q.push(f"http://127.0.0.1:{port}/none.mp4"),
+        "rejected": q.push("file:///etc/passwd"),
+    }
+    service["redis"].lpush("e2e:jobs", "{not json")
+    good = q.push(f"{media['base']}/face.mp4")
+    states = wait_jobs(q, [good, *bad.values()])
+    assert states[good]["state"] == "done"
+    letters = {d["job_id"]: d for d in q.dead_letters(50)}
+    for reason, job_id in bad.items():
+        assert states[job_id]["state"] == "failed"
+        assert reason in letters[job_id]["reason"], letters[job_id]
+    assert letters[bad["unreachable"]]["attempts"] == 2  # retried, then given up
+    assert any("JSON" in d["reason"] or "json" in d["reason"] for d in letters.values())
+    # the workers survived: a new job still completes
+    again = q.push(f"{media['base']}/face.mp4")
+    assert wait_jobs(q, [again])[again]["state"] == "done"
+
+
+def test_worker_killed_mid_stream_does_not_lose_its_job(service, media):
+    q, store = service["queue"], service["store"]
+    job_id = q.push({"url": f"{media['base']}/long.mp4", "options": {"sample_fps": 6}})
+    deadline = time.time() + 60
+    while (q.state(job_id) or {}).get("clips_done", 0) < 1:
+        assert time.time() < deadline, q.state(job_id)
+        time.sleep(0.2)
+    holder = q.state(job_id)["consumer"]  # host:pid:tag:random
+    os.kill(int(holder.split(":")[1]), signal.SIGKILL)  # Ray restarts the actor; the job must survive
+    state = wait_jobs(q, [job_id])[job_id]
+    assert state["state"] == "done" and state["attempts"] == 2
+    clips = store.clips(job_id)
+    assert [c["clip_index"] for c in clips] == list(range(12))  # 24 s in 2 s clips, no gaps
+    entries = service["redis"].xrange("e2e:verdicts")
+    per_clip = [(e[1]["job_id"], e[1]["clip_index"]) for e in entries if e[1]["job_id"] == job_id]
+    assert len(per_clip) == len(set(per_clip)) == 12  # replayed clips overwrote, never duplicated
+
+
+@pytest.mark.skipif(not (SHARED / "videos").is_dir(), reason="needs ../shared/data")
+def test_shared_dfdc_clips_have_faces_found(service):
+    q, store = service["queue"], service["store"]
+    ids = [q.push({"url": f"file://{p}", "options": {"clip_seconds": 10, "sample_fps": 1}})
+           for p in sorted((SHARED / "videos").glob("*.mp4"))]
+    states = wait_jobs(q, ids, timeout=400)
+    for job_id in ids:
+        assert states[job_id]["state"] == "done", states[job_id]
+        clips = store.clips(job_id)
+        assert clips and all(c["faces_scored"] >= c["frames_sampled"] * 0.8 for c in clips), clips

@@ -1,0 +1,1 @@
+"""pel-moderation service: Redis job intake, stream workers, verdicts and metrics."""

@@ -1,0 +1,100 @@
+"""The Serve application: `serve run deploy/app.yaml` -> `build_app(args)`.
+
+Two deployments, both thin:
+- `PELDetector` (workers/detector.py): the network, on GPU replicas when the cluster has GPUs.
+- `Moderator` (ingress): resolves Redis (starting an embedded redis-server when no URL is
+  configured), starts the `StreamWorker` actors and keeps them running, exports the queue gauges,
+  and answers `GET /` with the service status.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+import redis
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+
+from pel_model.config import AppConfig
+
+from .detector import PELDetector
+from .metrics import metrics
+from .queue import JobQueue
+from .redis_server import resolve_redis_url
+from .stream_worker import StreamWorker
+
+log = logging.getLogger(__name__)
+MONITOR_INTERVAL_S = 2.0
+
+
+@serve.deployment(name="Moderator", ray_actor_options={"num_cpus": 0.1})
+class Moderator:
+    def __init__(self, cfg: dict, detector: DeploymentHandle):
+        self.cfg = AppConfig.model_validate(cfg)
+        self.redis_url = resolve_redis_url(self.cfg.redis)
+        self.queue = JobQueue(redis.Redis.from_url(self.redis_url), self.cfg.redis,
+                              self.cfg.intake, "moderator")
+        self.detector = detector
+        self.metrics = metrics(self.cfg.metrics.enabled)
+        self.metrics.preregister()
+        self._dead_seen = "$"
+        self.workers = [self._spawn(i) for i in range(self.cfg.intake.stream_workers)]
+        self.model = None
+        self._monitor = asyncio.get_event_loop().create_task(self._watch())
+
+    def _spawn(self, index: int):
+        return StreamWorker.options(num_cpus=0.25, name=None).remote(
+            self.cfg.model_dump(mode="json"), self.redis_url, self.detector, index)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                stats = await asyncio.to_thread(self.queue.stats)
+                self.metrics.set_queue_depth(stats["listed"] + stats["undelivered"])
+                await asyncio.to_thread(self._count_dead_letters)
+                if self.model is None:
+                    self.model = await self.detector.info.remote()
+            except Exception as exc:  # Redis or detector briefly unavailable: keep watching
+                log.warning("monitor: %s", exc)
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+
+    def _count_dead_letters(self) -> None:
+        """Count every new dead letter once, whatever produced it (worker, claim, lease expiry)."""
+        rows = self.queue.r.xread({self.queue.keys.deadletter: self._dead_seen}, count=1000)
+        for _, entries in rows:
+            for entry_id, fields in entries:
+                self._dead_seen = entry_id
+                f = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+                self.metrics.dead_letter("lease_expired" if "lease expired" in f.get("reason", "")
+                                         else "invalid_job" if "raw" in f else "failed")
+
+    def check_health(self) -> None:
+        if self._monitor.done():
+            raise RuntimeError(f"monitor loop ended: {self._monitor.exception()!r}")
+
+    async def status(self) -> dict:
+        workers = []
+        for w in self.workers:
+            try:
+                workers.append(await w.status.remote())
+            except ray.exceptions.RayActorError as exc:
+                workers.append({"error": str(exc)[:200]})
+        stats = await asyncio.to_thread(self.queue.stats)
+        return {"redis_url": self.redis_url, "prefix": self.cfg.redis.prefix, "queue": stats,
+                "workers": workers, "model": self.model}
+
+    async def __call__(self, request: Request) -> dict:
+        return await self.status()
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """Typed app builder: `args` are validated into `AppConfig` (see pel_model/config.py)."""
+    cfg = AppConfig.model_validate(args or {})
+    d = cfg.detector
+    detector = PELDetector.options(
+        num_replicas=d.num_replicas, max_ongoing_requests=max(d.max_ongoing_requests, 2 * d.max_batch_size),
+        ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+    ).bind(d.model_dump(mode="json"))
+    return Moderator.bind(cfg.model_dump(mode="json"), detector)

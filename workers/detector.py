@@ -1,0 +1,64 @@
+"""The detector: a thin Ray Serve deployment around `pel_model.scorer.Scorer`.
+
+Callers send uint8 crop batches (N, S, S, 3); `@serve.batch` merges concurrent requests from all
+streams, and the merged crops run in model batches of at most `max_batch_size` faces (batching
+by faces, not by requests). `max_ongoing_requests` is set above the batch size, since it caps
+what `@serve.batch` can merge. Inference runs in a thread so the replica's event loop (and its
+health checks) never blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+from ray import serve
+
+from pel_model.config import DetectorConfig
+from pel_model.preprocess import validate_crops
+from pel_model.scorer import load_scorer
+
+from .metrics import metrics
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(name="PELDetector")
+class PELDetector:
+    def __init__(self, detector: dict):
+        cfg = DetectorConfig.model_validate(detector)
+        self.scorer = load_scorer(cfg)
+        self.max_batch = cfg.max_batch_size
+        self.score.set_max_batch_size(cfg.max_batch_size)
+        self.score.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.metrics = metrics()
+        self.metrics.preregister([self.scorer.model_id])
+        self.metrics.set_detector_ready(self.scorer.model_id, True)
+
+    def info(self) -> dict:
+        s = self.scorer
+        return {"input_size": s.input_size, "threshold": s.threshold, "model_id": s.model_id,
+                "warnings": list(s.warnings), "backend": s.backend.describe()}
+
+    def _infer(self, crops: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(crops), self.max_batch):
+            chunk = crops[i:i + self.max_batch]
+            t0 = time.perf_counter()
+            probs = self.scorer.probabilities(chunk)
+            model = self.scorer.model_id
+            self.metrics.inference(model, len(chunk), time.perf_counter() - t0)
+            self.metrics.faces(model, probs.tolist())
+            out.append(probs)
+        return np.concatenate(out)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
+    async def score(self, requests: list[np.ndarray]) -> list[np.ndarray]:
+        sizes = [len(r) for r in requests]
+        probs = await asyncio.to_thread(self._infer, np.concatenate(requests))
+        return list(np.split(probs, np.cumsum(sizes)[:-1]))
+
+    async def __call__(self, crops: np.ndarray) -> np.ndarray:
+        validate_crops(crops, self.scorer.input_size)  # a bad request fails alone, not its batch
+        return await self.score(crops)

@@ -1,0 +1,113 @@
+"""Stream workers: Ray actors that claim jobs from Redis and run them to verdicts.
+
+Each actor runs `streams_per_worker` job threads, so one slow or broken stream never blocks the
+others. A job's lease is kept alive while it runs; if the actor dies, another worker reclaims
+the job after the lease expires (at-least-once; verdicts are idempotent per clip). Errors end
+as retries or dead letters with a reason; the actor survives them.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import ray
+import redis
+
+from pel_model.config import AppConfig
+from pel_model.faces import make_detector
+
+from .decode import StreamError, classify_error
+from .jobs import Job
+from .metrics import metrics
+from .pipeline import Hooks, ModelInfo, run_job
+from .queue import JobQueue, Lease, consumer_name
+from .urls import UrlRejected
+from .verdicts import VerdictStore
+
+log = logging.getLogger(__name__)
+# Failures that a later attempt may not repeat; the rest are final at once.
+TRANSIENT_REASONS = {"unreachable", "stalled", "reconnects_exhausted"}
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class StreamWorker:
+    def __init__(self, cfg: dict, redis_url: str, detector, worker_index: int = 0):
+        self.cfg = AppConfig.model_validate(cfg)
+        self.redis = redis.Redis.from_url(redis_url)
+        self.queue = JobQueue(self.redis, self.cfg.redis, self.cfg.intake,
+                              consumer_name(f"w{worker_index}"))
+        self.verdicts = VerdictStore(self.redis, self.cfg.redis)
+        self.faces = make_detector(self.cfg.faces)
+        self.detector = detector
+        self.metrics = metrics(self.cfg.metrics.enabled)
+        self.info = ModelInfo(**{k: v for k, v in detector.info.remote().result().items()
+                                 if k in ModelInfo.__dataclass_fields__})
+        self.stop = threading.Event()
+        self.active: dict[str, str] = {}
+        self.threads = [threading.Thread(target=self._loop, name=f"job-{i}", daemon=True)
+                        for i in range(self.cfg.intake.streams_per_worker)]
+        for t in self.threads:
+            t.start()
+
+    def status(self) -> dict:
+        return {"consumer": self.queue.consumer, "active_jobs": sorted(self.active),
+                "threads_alive": sum(t.is_alive() for t in self.threads)}
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                job = self.queue.claim(self.cfg.intake.poll_block_ms)
+            except redis.RedisError as exc:
+                log.warning("claim failed: %s", exc)
+                time.sleep(1.0)
+                continue
+            if job is not None:
+                self._run(job)
+
+    def _hooks(self) -> Hooks:
+        m = self.metrics
+
+        def on_verdict(verdict: dict, clip_ready: float) -> None:
+            new = self.verdicts.write(verdict)
+            if new:  # replays overwrite and are not counted twice
+                m.clip(verdict["label"], verdict["model"], verdict["fake_probability"],
+                       time.time() - clip_ready)
+
+        return Hooks(on_decoded=lambda n: m.frames("decoded", n),
+                     on_dropped=lambda n: m.frames("dropped", n),
+                     on_sampled=lambda n: m.frames("sampled", n),
+                     on_reconnect=lambda *a: m.reconnect(), on_verdict=on_verdict)
+
+    def _run(self, job: Job) -> None:
+        if job.attempts > 1:
+            self.metrics.redelivery()
+        self.active[job.id] = job.url
+        self.metrics.set_active_streams(len(self.active))
+        lease = Lease(self.queue, job).start()
+        try:
+            run_job(job, self.cfg, self.faces, self.info, self.detector.remote, self._hooks(),
+                    stop=self.stop, progress=lambda **p: self.queue.progress(job, **p))
+            if self.stop.is_set() or lease.lost:
+                return  # left pending: redelivered after the lease
+            self.queue.complete(job)
+        except (StreamError, UrlRejected) as exc:
+            err = exc if isinstance(exc, StreamError) else classify_error(exc)
+            self._failed(job, str(err), err.reason in TRANSIENT_REASONS, err.reason)
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            self._failed(job, f"internal: {type(exc).__name__}: {exc}", True, "internal")
+        finally:
+            lease.stop()
+            self.active.pop(job.id, None)
+            self.metrics.set_active_streams(len(self.active))
+
+    def _failed(self, job: Job, message: str, retry: bool, reason: str) -> None:
+        # Dead letters are counted by the Moderator from the dead-letter stream (all causes).
+        self.metrics.stream_error(reason)
+        self.queue.fail(job, message[:1000], retry=retry)
