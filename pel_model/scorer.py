@@ -64,5 +64,5 @@ def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
     backend = create_backend(model, cfg.backend, device, cfg.precision, onnx_path)
     threshold = cfg.threshold if cfg.threshold is not None else meta.threshold
     m = meta.model
-    model_id = f"pel-{m.backbone}-{m.input_size}/{tag}/{backend.describe()}"
+    model_id = f"pel-{m.backbone}-{m.input_size}@{tag}+{backend.describe()}"  # a metrics label: no "/"
     return Scorer(backend, meta, threshold, model_id, warnings)

@@ -77,7 +77,7 @@ def test_scorer_applies_checkpoint_calibration(model, tmp_path):
     logits = TorchBackend(model).logits(crops)
     np.testing.assert_allclose(scorer.probabilities(crops), 1 / (1 + np.exp(-logits / 2.0)), atol=1e-4)
     assert scorer.threshold == 0.3 and not scorer.warnings
-    assert scorer.model_id.startswith("pel-efficientnet_b0-224/") and "onnxruntime" in scorer.model_id
+    assert scorer.model_id.startswith("pel-efficientnet_b0-224@") and "onnxruntime" in scorer.model_id
     assert list((tmp_path / "art").glob("*.onnx"))  # the export is cached beside the checkpoint's hash
 
 
@@ -85,4 +85,4 @@ def test_untrained_model_warns_loudly(tmp_path, caplog):
     cfg = DetectorConfig(model=SMALL, backend="torch", artifacts_dir=tmp_path)
     scorer = load_scorer(cfg, device="cpu")
     assert any("never trained" in w for w in scorer.warnings)
-    assert "never trained" in caplog.text and "/untrained/" in scorer.model_id
+    assert "never trained" in caplog.text and "@untrained+" in scorer.model_id

@@ -98,6 +98,7 @@ def _demo(args) -> int:
     inbox = next(iter(cfg.urls.file_roots), None)
     if not (cfg.urls.allow_files and inbox):
         raise ValueError(f"{args.config} must allow files from an inbox folder for the demo")
+    Path(inbox).mkdir(parents=True, exist_ok=True)
     clip = make_face_video(Path(inbox) / "astronaut.mp4", seconds=args.seconds)
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     serve_bin = Path(sys.executable).with_name("serve")

@@ -304,8 +304,8 @@ def iter_sampled_frames(
         failures += 1
         if failures > cfg.max_reconnects:
             raise StreamError("reconnects_exhausted",
-                              f"{source.redacted}: {cfg.max_reconnects} reconnects failed; "
-                              f"last: {error.message if error else 'the stream ended'}")
+                              f"{source.redacted}: gave up after {cfg.max_reconnects} failed "
+                              f"reconnect(s); last: {error or 'the stream ended'}")
         delay = _backoff_s(failures, cfg, rng)
         if on_reconnect:
             on_reconnect(failures, error, delay)
