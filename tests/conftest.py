@@ -34,6 +34,7 @@ def ray_cluster() -> Iterator[dict]:
 
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=port,
+             _system_config={"metrics_report_interval_ms": 1000},
              ignore_reinit_error=True, log_to_driver=False,
              runtime_env={"env_vars": {"PEL_ORT_THREADS": "2"}})
     yield {"metrics_port": port}

@@ -29,6 +29,14 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> AppConfig:
     return AppConfig.model_validate(args or {})
 
 
+def status_url(path: str | Path = DEFAULT_CONFIG) -> str:
+    """The Moderator's HTTP status endpoint as configured in a Serve config file."""
+    data = yaml.safe_load(Path(path).read_text())
+    http = data.get("http_options") or {}
+    prefix = (data.get("applications") or [{}])[0].get("route_prefix", "/pel")
+    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix}"
+
+
 def _redis(cfg: AppConfig) -> redis.Redis:
     url = cfg.redis.url or f"redis://127.0.0.1:{cfg.redis.embedded_port}/0"
     return redis.Redis.from_url(url, decode_responses=True)
@@ -104,7 +112,7 @@ def _demo(args) -> int:
     serve_bin = Path(sys.executable).with_name("serve")
     proc = subprocess.Popen([str(serve_bin), "run", str(args.config)], env=env)
     try:
-        status = _wait_http("http://127.0.0.1:8000/pel", args.timeout, proc)
+        status = _wait_http(status_url(args.config), args.timeout, proc)
         print("service up:", json.dumps(status["model"]), flush=True)
         job_id = _queue(cfg).push({"url": f"file://{clip}"})
         print(f"pushed job {job_id}: file://{clip}", flush=True)

@@ -10,7 +10,6 @@ and hand the URL to actors: every process calling it would otherwise start its o
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import shutil

@@ -1,0 +1,77 @@
+"""The model benchmark in its quickest mode: result structure and FLOP counts (no timing checks)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is not an installed package
+
+from bench.bench_model import (QUICK, TABLE_COLUMNS, build_model, gflops_per_face, main,  # noqa: E402
+                               parse_spec, render)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> dict:
+    """`python -m bench.bench_model --quick --out ...` (b0@96, batches 1 and 2, one repetition)."""
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    assert main(["--quick", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_quick_run_structure(result: dict) -> None:
+    assert result["settings"]["configs"] == list(QUICK["configs"]) == ["b0@96"]
+    assert result["settings"]["batches"] == [1, 2] and result["settings"]["repeats"] == 1
+    machine = result["machine"]
+    assert machine["nproc"] >= 1 and machine["cpu_model"] and machine["torch"] and machine["onnxruntime"]
+    roof = result["roofline"]
+    assert roof["torch_sgemm_gflops"] == max(roof["before"]["torch_sgemm_gflops"],
+                                             roof["after"]["torch_sgemm_gflops"]) > 0
+    assert roof["numpy_sgemm_gflops"] > 0
+    (model,) = result["models"]
+    assert model["backbone"] == "efficientnet_b0" and model["input_size"] == 96
+    # Both backends run the same network: their logits agree.
+    assert model["max_abs_logit_diff"] < 1e-3
+    assert [b["batch"] for b in model["batches"]] == [1, 2]
+    for b in model["batches"]:
+        for backend in ("torch", "onnxruntime"):
+            t = b[backend]
+            assert t["runs"] == len(t["seconds"]) == 1
+            assert 0 < t["min_s"] <= t["median_s"]
+
+
+def test_derived_rows_are_consistent(result: dict) -> None:
+    roof = result["roofline"]["torch_sgemm_gflops"]
+    rows = result["rows"]
+    assert [(r["config"], r["batch"]) for r in rows] == [("b0@96", 1), ("b0@96", 2)]
+    for row in rows:
+        assert math.isclose(row["speedup"], row["torch_median_s"] / row["ort_median_s"])
+        for key in ("torch", "ort"):
+            fps = row["batch"] / row[f"{key}_median_s"]
+            assert math.isclose(row[f"{key}_faces_per_s"], fps)
+            assert math.isclose(row[f"{key}_roofline_fraction"], fps * row["gflops_per_face"] / roof)
+    table = render(result)
+    assert table.count("| b0@96 |") == 2
+    assert all(header in table for _, header in TABLE_COLUMNS)
+
+
+def test_flop_count_is_plausible(result: dict) -> None:
+    # Two EfficientNet-B0 streams (0.78 GFLOPs each at 224 px) plus the DCT input and the heads.
+    gflops_224 = gflops_per_face(build_model(parse_spec("b0@224"), calibration_batch=1))
+    assert 1.0 < gflops_224 < 3.0
+    # Convolution FLOPs scale with the pixel count.
+    gflops_96 = result["models"][0]["gflops_per_face"]
+    assert gflops_96 == pytest.approx(gflops_224 * (96 / 224) ** 2, rel=0.05)
+
+
+def test_bad_specs_are_rejected() -> None:
+    assert parse_spec("efficientnet_b4@320").backbone == "efficientnet_b4"
+    with pytest.raises(ValueError, match="bad model spec"):
+        parse_spec("resnet50@224")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        parse_spec("b0@100")
+    with pytest.raises(ValueError, match="batch sizes"):
+        main(["--quick", "--batches", "0"])
