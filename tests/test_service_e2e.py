@@ -13,7 +13,8 @@ import redis
 from ray import serve
 
 from model_utils import SMALL, small_model
-from media import astronaut, corrupt_copy, free_port, make_face_video, make_hls, serve_directory
+from media import (astronaut, corrupt_copy, free_port, make_face_video, make_hls, rtmp_server,
+                   serve_directory, stop_process)
 from pel_model.checkpoint import CheckpointMeta, save_checkpoint
 from workers.app import build_app
 from workers.cli import DEFAULT_CONFIG, load_config
@@ -44,7 +45,8 @@ def service(ray_cluster, redis_url, media, tmp_path_factory):
     base["intake"].update(lease_seconds=3.0, max_attempts=2, stream_workers=2,
                           streams_per_worker=2, poll_block_ms=200)
     base["stream"].update(clip_seconds=2.0, open_timeout_s=3.0, read_timeout_s=3.0,
-                          stall_timeout_s=5.0, max_reconnects=1, backoff_initial_s=0.2)
+                          stall_timeout_s=5.0, max_reconnects=4, backoff_initial_s=0.5,
+                          backoff_max_s=2.0)
     base["urls"].update(allow_private_addresses=True,
                         file_roots=[str(media["root"]), str(SHARED / "videos")])
     base["detector"].update(checkpoint=str(ckpt), model=SMALL.model_dump(mode="json"),
@@ -169,6 +171,40 @@ def test_worker_killed_mid_stream_does_not_lose_its_job(service, media):
     entries = service["redis"].xrange("e2e:verdicts")
     per_clip = [(e[1]["job_id"], e[1]["clip_index"]) for e in entries if e[1]["job_id"] == job_id]
     assert len(per_clip) == len(set(per_clip)) == 12  # replayed clips overwrote, never duplicated
+
+
+def test_live_rtmp_source_that_drops_and_comes_back_is_reconnected(service, media):
+    q, store = service["queue"], service["store"]
+    port = free_port()
+    src = media["root"] / "face.mp4"
+    server = rtmp_server(src, port)
+    job_id = q.push({"url": f"rtmp://127.0.0.1:{port}/live/s", "options": {"live": True}})
+
+    def clips_done() -> int:
+        return int((q.state(job_id) or {}).get("clips_done", 0))
+
+    def wait_clips(n: int, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while clips_done() < n:
+            assert time.time() < deadline, q.state(job_id)
+            time.sleep(0.2)
+
+    try:
+        wait_clips(2)
+        stop_process(server)  # the publisher drops ...
+        server = rtmp_server(src, port)  # ... and comes back
+        before = clips_done()
+        wait_clips(before + 3)
+        assert q.state(job_id)["state"] == "running" and q.state(job_id)["attempts"] == 1
+    finally:
+        stop_process(server)  # gone for good: reconnects run out, the job ends as a dead letter
+    state = wait_jobs(q, [job_id], timeout=120)[job_id]
+    assert state["state"] == "failed"
+    letter = next(d for d in q.dead_letters(50) if d["job_id"] == job_id)
+    assert "reconnects_exhausted" in letter["reason"] or "unreachable" in letter["reason"]
+    clips = store.clips(job_id)
+    assert [c["clip_index"] for c in clips] == list(range(len(clips)))  # media time kept going
+    assert len(clips) >= 5 and all(c["faces_scored"] > 0 for c in clips[:-1])
 
 
 @pytest.mark.skipif(not (SHARED / "videos").is_dir(), reason="needs ../shared/data")
