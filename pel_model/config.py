@@ -142,7 +142,7 @@ class DetectorConfig(_Strict):
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     num_replicas: int = Field(1, ge=1)
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: Optional[float] = Field(None, ge=0)  # None: 1 per replica if the cluster has GPUs
     num_cpus: float = Field(0.5, gt=0)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0)

@@ -128,3 +128,25 @@ def test_checkpoint_errors(tmp_path):
               metadata={"pel": '{"format_version": 9}'})
     with pytest.raises(CheckpointError, match="format version"):
         read_meta(tmp_path / "v9.safetensors")
+
+
+def test_backbone_weights_from_a_local_file_load_into_both_streams(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    ref = timm.create_model("efficientnet_b0", pretrained=False, num_classes=0)
+    path = tmp_path / "b0.safetensors"
+    save_file(ref.state_dict(), str(path))
+    model = PEL(SMALL.model_copy(update={"backbone_weights": path}), load_pretrained=True)
+    for stream in (model.rgb, model.freq):
+        torch.testing.assert_close(stream.blocks[3][0].conv_pw.weight, ref.blocks[3][0].conv_pw.weight)
+    torch.testing.assert_close(model.rgb.conv_stem.weight, ref.conv_stem.weight)
+    assert model.freq.conv_stem.in_channels == 64  # the frequency stem is new, not loaded
+
+
+def test_unreachable_imagenet_weights_fall_back_to_random_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no download is attempted
+    model = PEL(SMALL.model_copy(update={"pretrained": True}), load_pretrained=True)
+    assert "random initialisation" in caplog.text
+    assert model.fc.in_features == 2 * 1280

@@ -93,8 +93,12 @@ def build_app(args: dict | None = None) -> serve.Application:
     """Typed app builder: `args` are validated into `AppConfig` (see pel_model/config.py)."""
     cfg = AppConfig.model_validate(args or {})
     d = cfg.detector
+    num_gpus = d.num_gpus
+    if num_gpus is None:  # GPU replicas when the cluster has GPUs, CPU otherwise
+        num_gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    log.info("detector: %d replica(s), %g GPU(s) each", d.num_replicas, num_gpus)
     detector = PELDetector.options(
         num_replicas=d.num_replicas, max_ongoing_requests=max(d.max_ongoing_requests, 2 * d.max_batch_size),
-        ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": num_gpus},
     ).bind(d.model_dump(mode="json"))
     return Moderator.bind(cfg.model_dump(mode="json"), detector)
