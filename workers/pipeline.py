@@ -53,19 +53,18 @@ def score_clip(clip: Clip, faces: FaceDetector, cfg: AppConfig, info: ModelInfo,
                submit: Callable[[np.ndarray], Pending], timeout_s: float = 120.0) -> list[ScoredFace]:
     crops: list[np.ndarray] = []
     meta: list[tuple[float, Any]] = []
-    pending: list[tuple[int, Pending]] = []
+    pending: list[Pending] = []
+    sent = 0  # crops[:sent] are already on their way to the detector
     for frame in clip.frames:
         for face, crop in extract_faces(frame.rgb, faces, cfg.faces, info.input_size):
             crops.append(crop)
             meta.append((frame.pts_s, face))
-            if len(crops) - sum(n for n, _ in pending) >= cfg.stream.crops_per_request:
-                start = sum(n for n, _ in pending)
-                pending.append((len(crops) - start, submit(np.stack(crops[start:]))))
-    start = sum(n for n, _ in pending)
-    if len(crops) > start:
-        pending.append((len(crops) - start, submit(np.stack(crops[start:]))))
-    scores = np.concatenate([np.asarray(p.result(timeout_s=timeout_s)).reshape(-1)
-                             for _, p in pending]) if pending else np.zeros(0)
+            if len(crops) - sent >= cfg.stream.crops_per_request:
+                pending.append(submit(np.stack(crops[sent:])))
+                sent = len(crops)
+    if len(crops) > sent:
+        pending.append(submit(np.stack(crops[sent:])))
+    scores = [s for p in pending for s in np.asarray(p.result(timeout_s=timeout_s)).reshape(-1)]
     return [ScoredFace(t, face, float(s)) for (t, face), s in zip(meta, scores)]
 
 
