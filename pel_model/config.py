@@ -95,6 +95,7 @@ class IntakeConfig(_Strict):
     max_attempts: int = Field(3, ge=1)
     stream_workers: int = Field(2, ge=1)
     streams_per_worker: int = Field(2, ge=1)
+    worker_num_cpus: float = Field(0.25, gt=0)  # Ray CPUs reserved per stream worker actor
     poll_block_ms: int = Field(1000, ge=10)
 
 

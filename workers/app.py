@@ -45,20 +45,31 @@ class Moderator:
         self._monitor = asyncio.get_event_loop().create_task(self._watch())
 
     def _spawn(self, index: int):
-        return StreamWorker.options(num_cpus=0.25, name=None).remote(
+        return StreamWorker.options(num_cpus=self.cfg.intake.worker_num_cpus).remote(
             self.cfg.model_dump(mode="json"), self.redis_url, self.detector, index)
 
     async def _watch(self) -> None:
         while True:
             try:
-                stats = await asyncio.to_thread(self.queue.stats)
-                self.metrics.set_queue_depth(stats["listed"] + stats["undelivered"])
+                self.metrics.set_queue_depth(await asyncio.to_thread(self.queue.queue_depth))
                 await asyncio.to_thread(self._count_dead_letters)
                 if self.model is None:
                     self.model = await self.detector.info.remote()
+                await self._restart_stuck_workers()
             except Exception as exc:  # Redis or detector briefly unavailable: keep watching
                 log.warning("monitor: %s", exc)
             await asyncio.sleep(MONITOR_INTERVAL_S)
+
+    async def _restart_stuck_workers(self) -> None:
+        """A worker whose job threads died is restarted (Ray recreates the actor)."""
+        for w in self.workers:
+            try:
+                status = await asyncio.wait_for(w.status.remote(), timeout=10)
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                continue  # starting, or being restarted by Ray
+            if status["threads_alive"] < self.cfg.intake.streams_per_worker:
+                log.warning("restarting stream worker %s: job threads died", status["consumer"])
+                ray.kill(w, no_restart=False)
 
     def _count_dead_letters(self) -> None:
         """Count every new dead letter once, whatever produced it (worker, claim, lease expiry)."""

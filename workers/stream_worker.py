@@ -68,7 +68,10 @@ class StreamWorker:
                 time.sleep(1.0)
                 continue
             if job is not None:
-                self._run(job)
+                try:
+                    self._run(job)
+                except Exception:  # e.g. Redis gone while recording the failure: the lease expires
+                    log.exception("job %s could not be settled; it will be redelivered", job.id)
 
     def _hooks(self) -> Hooks:
         m = self.metrics
