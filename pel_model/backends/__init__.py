@@ -29,27 +29,66 @@ def _tensorrt_available() -> bool:
 
 
 def create_backend(model: PEL, kind: str = "auto", device: str | None = None,
-                   precision: str = "fp32", onnx_path: str | Path | None = None) -> Backend:
-    """Build a backend for `model`. `onnx_path` is where the ONNX export is cached (made if absent)."""
+                   precision: str = "fp32", onnx_path: str | Path | None = None, *,
+                   compile: str = "off", trt_profile: tuple[int, int, int] = (1, 16, 64),
+                   calibration_dir: str | Path | None = None) -> Backend:
+    """Build a backend for `model`. `onnx_path` is where the ONNX export is cached (made if absent).
+
+    `compile`: torch.compile mode of the PyTorch CUDA backend; `trt_profile`: TensorRT batch
+    (min, opt, max); `calibration_dir`: face crop images for INT8 calibration.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "auto":
+    auto = kind == "auto"
+    if auto:
         if device.startswith("cuda"):
             kind = "tensorrt" if _tensorrt_available() else "torch"
         else:
             kind = "onnxruntime"
+    if kind == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend  # optional extra
+        from ..quantize import load_calibration_crops
+        try:
+            calib = (load_calibration_crops(calibration_dir, model.cfg.input_size)
+                     if precision == "int8" and calibration_dir is not None else None)
+            backend: Backend = TensorRTBackend.from_model(model, onnx_path, device, precision,
+                                                          profile=tuple(trt_profile),
+                                                          calibration_crops=calib)
+        except (RuntimeError, ValueError) as exc:
+            if not auto:
+                raise
+            log.exception("TensorRT backend failed (%s): falling back to PyTorch CUDA", exc)
+            kind = "torch"
     if kind == "torch":
-        backend: Backend = TorchBackend(model, device, precision if device.startswith("cuda") else "fp32")
+        cuda = device.startswith("cuda")
+        tprec = precision if cuda else "fp32"
+        if auto and tprec == "int8":  # PyTorch has no INT8 path here: the nearest fast precision
+            log.warning("int8 requested without TensorRT: PyTorch CUDA runs fp16 instead")
+            tprec = "fp16"
+        backend = TorchBackend(model, device, tprec, compile=compile if cuda else "off")
     elif kind == "onnxruntime":
         if onnx_path is None:
             raise ValueError("the onnxruntime backend needs an onnx_path to export to or load from")
         onnx_path = Path(onnx_path)
         if not onnx_path.exists():
             export_onnx(model, onnx_path)
+        if precision == "int8":
+            onnx_path = _int8_graph(onnx_path, model.cfg.input_size, calibration_dir)
         backend = OnnxRuntimeBackend(onnx_path, model.cfg.input_size, device)
-    elif kind == "tensorrt":
-        from .tensorrt_backend import TensorRTBackend  # optional extra
-        backend = TensorRTBackend.from_model(model, onnx_path, device, precision)
-    else:
+    elif kind != "tensorrt":
         raise ValueError(f"unknown backend {kind!r}: use auto, torch, onnxruntime or tensorrt")
-    log.info("inference backend: %s", backend.describe())
+    log.info("inference backend: %s (requested %s, device %s)", backend.describe(),
+             "auto" if auto else kind, device)
     return backend
+
+
+def _int8_graph(fp32_path: Path, input_size: int, calibration_dir: str | Path | None) -> Path:
+    """The Q/DQ INT8 graph beside the FP32 one, quantised on first use."""
+    from ..quantize import load_calibration_crops, quantize_int8
+
+    path = fp32_path.with_name(f"{fp32_path.stem}.int8.onnx")
+    if not path.exists():
+        if calibration_dir is None:
+            raise ValueError("int8 needs calibration data: set calibration_dir to a folder of "
+                             "real face crop images")
+        quantize_int8(fp32_path, path, load_calibration_crops(calibration_dir, input_size))
+    return path
