@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .export import INPUT_NAME, OUTPUT_NAME
+from .export import INPUT_NAME
 
 log = logging.getLogger(__name__)
 # Initialisers of the fixed frequency front end (`FrequencyInput`) carry this prefix.

@@ -326,7 +326,7 @@ def test_checker_flags_leaky_empty_and_invalid_queries(scraped):
         return {"refId": ref, "expr": expr}
 
     bad = {"panels": [{"title": "bad", "targets": [
-        target(f'ray_pel_clips_total{{model=~"$model"}}', "A"),  # no sum: leaks WorkerId...
+        target('ray_pel_clips_total{model=~"$model"}', "A"),  # no sum: leaks WorkerId...
         target("sum(ray_pel_no_such_metric_total)", "B"),
         target("sum(rate(ray_pel_clips_total[5m])", "C"),
         target("sum(ray_pel_clips_total)", "D"),

@@ -51,14 +51,13 @@ def service(ray_cluster, redis_url, media, tmp_path_factory):
                         file_roots=[str(media["root"]), str(SHARED / "videos")])
     base["detector"].update(checkpoint=str(ckpt), model=SMALL.model_dump(mode="json"),
                             artifacts_dir=str(art), max_batch_size=16)
-    cfg = build_app(base)
-    serve.run(cfg, name="pel", route_prefix="/pel")
+    serve.run(build_app(base), name="pel", route_prefix="/pel")
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     from pel_model.config import AppConfig
     app_cfg = AppConfig.model_validate(base)
     queue = JobQueue(client, app_cfg.redis, app_cfg.intake, "test")
     yield {"queue": queue, "store": VerdictStore(client, app_cfg.redis), "redis": client,
-           "cfg": app_cfg}
+           "cfg": app_cfg, "args": base}
     serve.delete("pel")
 
 
@@ -171,6 +170,21 @@ def test_worker_killed_mid_stream_does_not_lose_its_job(service, media):
     entries = service["redis"].xrange("e2e:verdicts")
     per_clip = [(e[1]["job_id"], e[1]["clip_index"]) for e in entries if e[1]["job_id"] == job_id]
     assert len(per_clip) == len(set(per_clip)) == 12  # replayed clips overwrote, never duplicated
+
+
+def test_job_survives_the_death_of_the_whole_application(service, media):
+    q, store = service["queue"], service["store"]
+    job_id = q.push({"url": f"{media['base']}/long.mp4", "options": {"sample_fps": 6}})
+    deadline = time.time() + 60
+    while (q.state(job_id) or {}).get("clips_done", 0) < 1:
+        assert time.time() < deadline, q.state(job_id)
+        time.sleep(0.2)
+    serve.delete("pel")  # every replica and stream worker is gone, the job is still pending
+    assert q.state(job_id)["state"] == "running"
+    serve.run(build_app(service["args"]), name="pel", route_prefix="/pel")
+    state = wait_jobs(q, [job_id])[job_id]
+    assert state["state"] == "done" and state["attempts"] == 2
+    assert [c["clip_index"] for c in store.clips(job_id)] == list(range(12))
 
 
 def test_live_rtmp_source_that_drops_and_comes_back_is_reconnected(service, media):
