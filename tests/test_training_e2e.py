@@ -169,6 +169,8 @@ def test_ffpp_prepare_train_resume_calibrate_evaluate_export(tmp_path, ray_clust
     assert resumed.metrics["epoch"] == 1  # continued after epoch 0, did not start over
     assert read_meta(resumed.last).provenance["epoch"] == 1
     assert read_meta(resumed.last).provenance["workers"] == 2
+    history = read_meta(resumed.last).provenance["history"]  # the curve survives the resume
+    assert [h["epoch"] for h in history] == [0, 1] and (resumed.run_dir / "curve.png").stat().st_size
 
     _calibrate_evaluate_serve(tmp_path, resumed.best, prepared, "test",
                               {"jpeg": 50, "gaussian_noise": 10}, export=True)

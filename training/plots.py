@@ -1,4 +1,5 @@
-"""PNG figures (matplotlib, Agg backend): reliability diagram, ROC curves, score histograms."""
+"""PNG figures (matplotlib, Agg backend): reliability diagram, ROC curves, score histograms,
+training curve."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,6 +54,21 @@ def score_histogram(labels, probs, threshold: float, path: Path) -> Path:
     ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.3f}")
     ax.set(xlabel="fake probability", ylabel="crops", title="Score distribution")
     ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def training_curve(history: list[dict], path: Path) -> Path:
+    """Per-epoch train/val loss and validation AUC from the checkpoint's provenance history."""
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax.plot(epochs, [h.get("val_loss", np.nan) for h in history], "s-", label="val loss")
+    ax.set(xlabel="epoch", ylabel="BCE loss", title="Training curve")
+    auc = ax.twinx()
+    auc.plot(epochs, [h.get("val_auc", np.nan) for h in history], "^-", color="C2", label="val AUC")
+    auc.set(ylabel="val AUC", ylim=(0.4, 1.0))
+    fig.legend(loc="upper right", fontsize=8)
     return _save(fig, plt, path)
 
 

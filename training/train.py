@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pel_model.checkpoint import CheckpointMeta, save_checkpoint
+from pel_model.checkpoint import CheckpointMeta, read_meta, save_checkpoint
 from pel_model.config import TrainConfig
 from pel_model.pel import PEL
 
 from .data import BalancedBatches, eval_arrays, manifest, read_index
 from .metrics import binary_metrics
+from .plots import training_curve
 from .scoring import predict_logits, sigmoid
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,13 @@ def _loop(conf: dict) -> None:
     torch.manual_seed(cfg.seed)
     train_rows, val_rows = read_index(prepared, "train"), read_index(prepared, "val")
     model = PEL(cfg.model, load_pretrained=True)
-    state, start = None, 0
+    state, start, history = None, 0, []
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
             model.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))
             state = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
-        start = int(state["epoch"]) + 1
+        start, history = int(state["epoch"]) + 1, list(state.get("history", []))
         if rank == 0:
             log.info("resuming %s after epoch %d", cfg.run_name, state["epoch"])
     device = ray.train.torch.get_device()
@@ -133,16 +134,18 @@ def _loop(conf: dict) -> None:
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "steps": steps,
                    "epoch_s": time.time() - t0}
         metrics.update(validate(net, prepared, val_rows, cfg, rank, world, device))
+        history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
                 meta = CheckpointMeta(model=cfg.model, trained=True, calibrated=False, provenance={
                     "prepared": str(prepared), "dataset": manifest(prepared).get("dataset", ""),
-                    "epoch": epoch, "metrics": metrics, "self_blended": cfg.self_blended,
+                    "epoch": epoch, "metrics": metrics, "history": history,
+                    "self_blended": cfg.self_blended,
                     "recipe": cfg.model_dump(mode="json", exclude={"model", "faces"}),
                     "workers": world})
                 save_checkpoint(os.path.join(d, MODEL_FILE), net, meta)
-                torch.save({"epoch": epoch, "optimizer": opt.state_dict(),
+                torch.save({"epoch": epoch, "optimizer": opt.state_dict(), "history": history,
                             "scaler": scaler.state_dict()}, os.path.join(d, STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
                 log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v
@@ -190,4 +193,5 @@ def train(prepared: Path, cfg: TrainConfig, ray_address: str | None = None) -> T
     for name, ckpt in (("best", best_ckpt), ("last", result.checkpoint)):
         with ckpt.as_directory() as d:
             out[name] = Path(shutil.copy(os.path.join(d, MODEL_FILE), run_dir / f"{name}.safetensors"))
+    training_curve(read_meta(out["last"]).provenance.get("history", []), run_dir / "curve.png")
     return TrainResult(out["best"], out["last"], dict(result.metrics or {}), run_dir)
