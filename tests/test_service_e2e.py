@@ -154,13 +154,18 @@ def test_bad_jobs_end_as_dead_letters_while_others_finish(service, media):
     assert wait_jobs(q, [again])[again]["state"] == "done"
 
 
-def test_worker_killed_mid_stream_does_not_lose_its_job(service, media):
-    q, store = service["queue"], service["store"]
+def push_long_job_and_wait_for_first_clip(q: JobQueue, media) -> str:
     job_id = q.push({"url": f"{media['base']}/long.mp4", "options": {"sample_fps": 6}})
     deadline = time.time() + 60
     while (q.state(job_id) or {}).get("clips_done", 0) < 1:
         assert time.time() < deadline, q.state(job_id)
         time.sleep(0.2)
+    return job_id
+
+
+def test_worker_killed_mid_stream_does_not_lose_its_job(service, media):
+    q, store = service["queue"], service["store"]
+    job_id = push_long_job_and_wait_for_first_clip(q, media)
     holder = q.state(job_id)["consumer"]  # host:pid:tag:random
     os.kill(int(holder.split(":")[1]), signal.SIGKILL)  # Ray restarts the actor; the job must survive
     state = wait_jobs(q, [job_id])[job_id]
@@ -174,11 +179,7 @@ def test_worker_killed_mid_stream_does_not_lose_its_job(service, media):
 
 def test_job_survives_the_death_of_the_whole_application(service, media):
     q, store = service["queue"], service["store"]
-    job_id = q.push({"url": f"{media['base']}/long.mp4", "options": {"sample_fps": 6}})
-    deadline = time.time() + 60
-    while (q.state(job_id) or {}).get("clips_done", 0) < 1:
-        assert time.time() < deadline, q.state(job_id)
-        time.sleep(0.2)
+    job_id = push_long_job_and_wait_for_first_clip(q, media)
     serve.delete("pel")  # every replica and stream worker is gone, the job is still pending
     assert q.state(job_id)["state"] == "running"
     serve.run(build_app(service["args"]), name="pel", route_prefix="/pel")
