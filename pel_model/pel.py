@@ -100,7 +100,5 @@ class PEL(nn.Module):
 
 def create_pel(cfg: ModelConfig | None = None, load_pretrained: bool = True, **overrides) -> PEL:
     """Model builder: `create_pel(backbone="efficientnet_b0", input_size=224, pretrained=False)`."""
-    cfg = (cfg or ModelConfig()).model_copy(update=overrides) if overrides else (cfg or ModelConfig())
-    if overrides:
-        cfg = ModelConfig.model_validate(cfg.model_dump())
+    cfg = ModelConfig.model_validate({**(cfg or ModelConfig()).model_dump(), **overrides})
     return PEL(cfg, load_pretrained=load_pretrained)

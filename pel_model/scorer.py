@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
 import timm
 import torch
 
@@ -21,6 +22,11 @@ from .config import DetectorConfig
 from .pel import PEL
 
 log = logging.getLogger(__name__)
+
+
+def calibrated_probability(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """`sigmoid(logit / T)` in float64: the one logit-to-probability map of training and serving."""
+    return expit(np.asarray(logits, np.float64) / temperature)
 
 
 @dataclass
@@ -36,8 +42,7 @@ class Scorer:
         return self.backend.input_size
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
-        logits = self.backend.logits(crops).astype(np.float64)
-        return (1.0 / (1.0 + np.exp(-logits / self.meta.temperature))).astype(np.float32)
+        return calibrated_probability(self.backend.logits(crops), self.meta.temperature).astype(np.float32)
 
 
 def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:

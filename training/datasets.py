@@ -79,14 +79,18 @@ def _check_files(sources: list[Source]) -> list[Source]:
     return sources
 
 
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"missing {what}", [path]) from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{what} is not JSON ({exc})", [path]) from None
+
+
 # ----------------------------------------------------------------------------- FaceForensics++
 def _ffpp_pairs(path: Path) -> list[tuple[str, str]]:
-    try:
-        pairs = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError("missing FaceForensics++ split file", [path]) from None
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"split file is not JSON ({exc})", [path]) from None
+    pairs = _read_json(path, "FaceForensics++ split file")
     ok = isinstance(pairs, list) and all(
         isinstance(p, list) and len(p) == 2 and all(isinstance(i, str) and i.isdigit() for i in p)
         for p in pairs)
@@ -285,12 +289,7 @@ def dfdc(root: Path, val_fraction: float = 0.05) -> list[Source]:
     bad: list[str] = []
     for part in sorted(root.glob("dfdc_train_part_*")):
         meta = part / "metadata.json"
-        try:
-            entries = json.loads(meta.read_text())
-        except FileNotFoundError:
-            raise DatasetError("missing DFDC metadata", [meta]) from None
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"metadata is not JSON ({exc})", [meta]) from None
+        entries = _read_json(meta, "DFDC metadata")
         if not isinstance(entries, dict):
             raise DatasetError("metadata must map file names to {label, original}", [meta])
         for name, info in sorted(entries.items()):

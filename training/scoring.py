@@ -5,14 +5,16 @@ import numpy as np
 import torch
 
 from pel_model.pel import PEL
+from pel_model.preprocess import validate_crops
+from pel_model.scorer import calibrated_probability
 
 
 @torch.no_grad()
 def predict_logits(model: PEL, crops: np.ndarray, batch_size: int = 64,
                    device: str | torch.device = "cpu", amp: bool = False) -> np.ndarray:
     """Logits (N,) float64 for uint8 crops (N, S, S, 3); the model is put in eval mode."""
-    if crops.ndim != 4 or crops.dtype != np.uint8:
-        raise ValueError(f"crops must be uint8 (N, S, S, 3), got {crops.dtype} {crops.shape}")
+    if len(crops):
+        validate_crops(crops, model.cfg.input_size)
     was_training = model.training
     model.eval()
     out = []
@@ -28,4 +30,4 @@ def predict_logits(model: PEL, crops: np.ndarray, batch_size: int = 64,
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+    return calibrated_probability(x)

@@ -42,9 +42,9 @@ def _redis(cfg: AppConfig) -> redis.Redis:
     return redis.Redis.from_url(url, decode_responses=True)
 
 
-def _queue(cfg: AppConfig):
+def _queue(cfg: AppConfig, client: redis.Redis | None = None):
     from .queue import JobQueue
-    return JobQueue(_redis(cfg), cfg.redis, cfg.intake, "cli")
+    return JobQueue(client or _redis(cfg), cfg.redis, cfg.intake, "cli")
 
 
 def _push(args) -> int:
@@ -64,7 +64,7 @@ def _verdicts(args) -> int:
     from .verdicts import VerdictStore
     cfg = load_config(args.config)
     r = _redis(cfg)
-    queue, store = _queue(cfg), VerdictStore(r, cfg.redis)
+    queue, store = _queue(cfg, r), VerdictStore(r, cfg.redis)
     deadline = time.time() + args.wait
     while True:
         state = queue.state(args.job_id) or {}
