@@ -150,6 +150,30 @@ class DetectorConfig(_Strict):
     max_ongoing_requests: int = Field(64, ge=1)
     artifacts_dir: Path = Path("~/.cache/pel-moderation")
     threshold: Optional[float] = Field(None, gt=0, lt=1)  # overrides the checkpoint's
+    # INT8 calibration data: a folder of face crop images, or a `pel prepare` output folder
+    # (its val split, real and fake crops). Required for precision int8.
+    calibration_dir: Optional[Path] = None
+    # TensorRT optimisation profile (min, opt, max batch); null: (1, max_batch_size/2, max_batch_size).
+    trt_profile: Optional[tuple[int, int, int]] = None
+    # torch.compile mode of the PyTorch CUDA backend ("reduce-overhead" replays CUDA graphs).
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+
+    @model_validator(mode="after")
+    def _check(self) -> "DetectorConfig":
+        if self.precision == "int8" and self.calibration_dir is None:
+            raise ValueError("precision int8 needs calibration_dir: a folder of real face crops "
+                             "or a `pel prepare` output (its val split is used)")
+        if self.trt_profile is not None:
+            lo, opt, hi = self.trt_profile
+            if not 1 <= lo <= opt <= hi:
+                raise ValueError(f"trt_profile must be 1 <= min <= opt <= max, got {self.trt_profile}")
+        return self
+
+    @property
+    def tensorrt_profile(self) -> tuple[int, int, int]:
+        if self.trt_profile is not None:
+            return self.trt_profile
+        return 1, max(1, self.max_batch_size // 2), self.max_batch_size
 
 
 class MetricsConfig(_Strict):

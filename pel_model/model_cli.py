@@ -3,22 +3,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
+
+
+def _profile(text: str) -> tuple[int, int, int]:
+    from .engine_cache import validate_profile
+
+    try:
+        lo, opt, hi = (int(v) for v in text.split(","))
+        return validate_profile((lo, opt, hi))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--profile takes MIN,OPT,MAX batch sizes ({exc})") from exc
 
 
 def _export(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .export import export_onnx
+    from .quantize import convert_fp16, load_calibration_crops, quantize_int8
 
+    precision = args.precision or ("fp16" if args.trt else "fp32")
+    if precision == "int8" and args.calibration_dir is None:
+        raise ValueError("--precision int8 needs --calibration-dir: a `pel prepare` output "
+                         "(its val split) or a folder of face crop images")
     model, meta = load_checkpoint(args.checkpoint)
+    size = meta.model.input_size
+    calib = load_calibration_crops(args.calibration_dir, size) if precision == "int8" else None
     out = Path(args.output or Path(args.checkpoint).with_suffix(".onnx"))
     export_onnx(model, out)
-    print(json.dumps({"onnx": str(out), "backbone": meta.model.backbone,
-                      "input_size": meta.model.input_size}))
-    if args.trt:
+    result = {"onnx": str(out), "backbone": meta.model.backbone, "input_size": size}
+    if precision == "fp16":
+        result["onnx_fp16"] = str(convert_fp16(out, out.with_suffix(".fp16.onnx")))
+    elif precision == "int8":  # the CPU (ONNX Runtime) Q/DQ graph
+        result["onnx_int8"] = str(quantize_int8(out, out.with_suffix(".int8.onnx"), calib))
+    if args.trt:  # built where the service looks for it (same ONNX file, same cache key)
         from .backends.tensorrt_backend import build_engine
-        engine = build_engine(out, meta.model.input_size, precision=args.precision)
-        print(json.dumps({"tensorrt_engine": str(engine)}))
+        from .config import DetectorConfig
+        from .scorer import onnx_artifact
+
+        served = onnx_artifact(DetectorConfig(checkpoint=args.checkpoint, model=meta.model,
+                                              artifacts_dir=args.artifacts_dir))
+        if not served.exists():
+            served.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out, served)
+        result["tensorrt_engine"] = str(build_engine(served, size, precision, profile=args.profile,
+                                                     calibration_crops=calib))
+    print(json.dumps(result))
     return 0
 
 
@@ -30,11 +60,22 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint to ONNX (and TensorRT with --trt)")
+    from .config import DetectorConfig
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (FP16/INT8 graphs, TensorRT with --trt)")
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", help="ONNX path (default: beside the checkpoint)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                   help="also write this precision's graph (<output>.fp16.onnx or the Q/DQ "
+                        "<output>.int8.onnx); with --trt, the engine's precision (default fp16)")
+    p.add_argument("--calibration-dir", type=Path, metavar="DIR",
+                   help="INT8 calibration crops: a `pel prepare` output (val split) or face images")
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs a GPU)")
-    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--profile", type=_profile, default=DetectorConfig().tensorrt_profile,
+                   metavar="MIN,OPT,MAX", help="TensorRT batch profile (default: the service's, "
+                   "1,max_batch_size/2,max_batch_size)")
+    p.add_argument("--artifacts-dir", type=Path, default=DetectorConfig().artifacts_dir,
+                   help="the service's artifacts_dir, where --trt puts the engine")
     p.set_defaults(func=_export)
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("checkpoint")

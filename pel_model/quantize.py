@@ -14,6 +14,7 @@ networks, where precision comes from the graph itself: FP16 = an FP16 graph, INT
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -99,6 +100,10 @@ class _CropReader:
     """CalibrationDataReader over uint8 crops in fixed-size batches (ORT's duck-typed protocol)."""
 
     def __init__(self, crops: np.ndarray, batch_size: int):
+        # Equal batches (ORT's percentile collector stacks them): the last one wraps around.
+        batch_size = min(batch_size, len(crops))
+        short = -len(crops) % batch_size
+        crops = np.concatenate([crops, crops[:short]]) if short else crops
         self._batches: Iterator[np.ndarray] = iter(
             [crops[i:i + batch_size] for i in range(0, len(crops), batch_size)])
 
@@ -143,15 +148,17 @@ def quantize_int8(onnx_fp32_path: str | Path, out_path: str | Path, calibration_
                   keep_frontend_float: bool = True, preprocess: bool = True,
                   batch_size: int = 8, op_types: Sequence[str] | None = ("Conv", "Gemm"),
                   calibrate_method: Literal["MinMax", "Percentile", "Entropy"] = "Percentile") -> Path:
-    """Static INT8 quantisation in QDQ format, calibrated on real face crops (percentile ranges
-    by default: clipping rare outliers keeps the 8-bit grid fine).
+    """Static INT8 quantisation in QDQ format, calibrated on face crops of both classes
+    (`load_calibration_crops`); percentile ranges by default (clipping rare outliers keeps the
+    8-bit grid fine).
 
     target "cpu": uint8 activations, int8 weights (the fast U8S8 kernels of x86 CPUs).
-    target "tensorrt": symmetric int8 activations and weights (zero point 0, as TensorRT requires).
+    target "tensorrt": symmetric int8 activations and weights (zero point 0, as TensorRT requires;
+    the post-SiLU activations then use half the grid: measure with `int8_accuracy_cost`).
     op_types: the ops whose inputs get Q/DQ (None: every op ORT can quantise). Convolutions and
     the final Gemm carry nearly all FLOPs; quantising SiLU, the median filter and the attention
-    gates too costs accuracy. Measured decision agreement with FP32 on a weak (AUC 0.70) test
-    model: all ops + min/max 84%, Conv/Gemm + min/max 87%, Conv/Gemm + percentile 92%.
+    gates too costs accuracy (measured on a weak test model: decision agreement 84% all ops +
+    min/max, 87% Conv/Gemm + min/max, 92% Conv/Gemm + percentile).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -171,15 +178,21 @@ def quantize_int8(onnx_fp32_path: str | Path, out_path: str | Path, calibration_
         model = onnx.load(str(model_in))
         exclude = frontend_nodes(model) if keep_frontend_float else []
         symmetric = target == "tensorrt"
-        quantize_static(
-            str(model_in), str(out_path), _CropReader(calibration_crops, batch_size),
-            quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-            weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-            op_types_to_quantize=list(op_types) if op_types is not None else None,
-            calibrate_method=getattr(CalibrationMethod, calibrate_method),
-            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
-    onnx.checker.check_model(str(out_path))
+        # Written beside the target, then renamed: concurrent replicas never read half a graph.
+        partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
+        try:
+            quantize_static(
+                str(model_in), str(partial), _CropReader(calibration_crops, batch_size),
+                quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                op_types_to_quantize=list(op_types) if op_types is not None else None,
+                calibrate_method=getattr(CalibrationMethod, calibrate_method),
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+            onnx.checker.check_model(str(partial))
+            os.replace(partial, out_path)
+        finally:
+            partial.unlink(missing_ok=True)
     log.info("INT8 (QDQ, %s) graph written to %s; %d front-end nodes kept in float",
              target, out_path, len(exclude))
     return out_path
@@ -216,16 +229,63 @@ def cast_input_first(src: str | Path, dst: str | Path) -> Path:
 
 
 def load_calibration_crops(folder: str | Path, input_size: int, limit: int = 256,
-                           seed: int = 0) -> np.ndarray:
-    """Up to `limit` face crop images (jpg/png) from `folder`, resized to uint8 (N, S, S, 3)."""
+                           seed: int = 0, split: str = "val") -> np.ndarray:
+    """Up to `limit` face crops, resized to uint8 (N, S, S, 3), drawn at random (seeded).
+
+    `folder` is either a `pel prepare` output (crops of `split`, half real and half fake; see
+    `training.data.calibration_crops`) or any folder of jpg/png face crop images (searched
+    recursively), which should hold fakes as well as real faces: ranges calibrated on real
+    faces only can clip the activations that flag a fake (docs/benchmarks.md).
+    """
     from PIL import Image
 
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if len(files) < 8:
-        raise ValueError(f"{folder} holds {len(files)} face images: calibration needs at least 8")
-    rng = np.random.default_rng(seed)
-    pick = sorted(rng.choice(len(files), min(limit, len(files)), replace=False))
-    crops = [np.asarray(Image.open(files[i]).convert("RGB").resize((input_size, input_size),
-                                                                  Image.BILINEAR)) for i in pick]
-    return np.stack(crops).astype(np.uint8)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"calibration folder {folder} does not exist")
+    if (folder / "index.jsonl").is_file():
+        from training.data import calibration_crops  # the training package reads prepared folders
+
+        crops = calibration_crops(folder, split, limit, seed)
+    else:
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if len(files) < 8:
+            raise ValueError(f"{folder} holds {len(files)} face images: calibration needs at least 8")
+        pick = sorted(np.random.default_rng(seed).choice(len(files), min(limit, len(files)), replace=False))
+        crops = [np.asarray(Image.open(files[i]).convert("RGB")) for i in pick]
+    return np.stack([c if c.shape[:2] == (input_size, input_size) else
+                     np.asarray(Image.fromarray(c).resize((input_size, input_size), Image.BILINEAR))
+                     for c in crops]).astype(np.uint8)
+
+
+def int8_accuracy_cost(fp32_path: str | Path, int8_path: str | Path, crops: np.ndarray,
+                       labels: np.ndarray, threshold: float = 0.5, temperature: float = 1.0,
+                       batch_size: int = 32) -> dict:
+    """What INT8 costs on labelled crops: AUC of both graphs, decision agreement at `threshold`
+    (the service flags `p >= threshold`), and the largest probability change.
+
+    Both graphs run in ONNX Runtime on the CPU, so the comparison isolates quantisation.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from .backends import OnnxRuntimeBackend
+    from .scorer import calibrated_probability
+
+    labels = np.asarray(labels)
+    size = crops.shape[1]
+
+    def probs(path: str | Path) -> np.ndarray:
+        backend = OnnxRuntimeBackend(path, size)
+        logits = np.concatenate([backend.logits(crops[i:i + batch_size])
+                                 for i in range(0, len(crops), batch_size)])
+        return calibrated_probability(logits, temperature)
+
+    p32, p8 = probs(fp32_path), probs(int8_path)
+    both = labels.min() != labels.max()
+    auc32 = float(roc_auc_score(labels, p32)) if both else float("nan")
+    auc8 = float(roc_auc_score(labels, p8)) if both else float("nan")
+    return {"n": int(len(labels)), "threshold": float(threshold), "auc_fp32": auc32,
+            "auc_int8": auc8, "auc_drop": auc32 - auc8,
+            "decision_agreement": float(np.mean((p32 >= threshold) == (p8 >= threshold))),
+            "flagged_fp32": float(np.mean(p32 >= threshold)),
+            "flagged_int8": float(np.mean(p8 >= threshold)),
+            "max_abs_prob_change": float(np.max(np.abs(p8 - p32)))}

@@ -45,20 +45,27 @@ class Scorer:
         return calibrated_probability(self.backend.logits(crops), self.meta.temperature).astype(np.float32)
 
 
-def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
-    """Load the configured checkpoint (or an untrained model, loudly) on the best backend."""
+def onnx_artifact(cfg: DetectorConfig) -> Path:
+    """Where the service caches the ONNX export of the configured model (TensorRT engines go to
+    `tensorrt/` beside it): keyed by the checkpoint's digest, or for an untrained model by its
+    config and library versions."""
     artifacts = Path(cfg.artifacts_dir).expanduser()
     if cfg.checkpoint is not None:
-        model, meta = load_checkpoint(cfg.checkpoint)
+        return artifacts / f"pel-{file_digest(cfg.checkpoint)}.onnx"
+    key = f"{cfg.model.model_dump_json()}|{torch.__version__}|{timm.__version__}"
+    return artifacts / f"pel-untrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.onnx"
+
+
+def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
+    """Load the configured checkpoint (or an untrained model, loudly) on the best backend."""
+    if cfg.checkpoint is not None:
+        model, meta = load_checkpoint(cfg.checkpoint)  # a clear error when it is missing
         tag = file_digest(cfg.checkpoint)
-        onnx_path = artifacts / f"pel-{tag}.onnx"
     else:
-        # Deterministic random weights: the export is cached under config and library versions.
-        torch.manual_seed(0)
+        torch.manual_seed(0)  # deterministic random weights
         model = PEL(cfg.model, load_pretrained=False)
         meta, tag = CheckpointMeta(model=cfg.model), "untrained"
-        key = f"{cfg.model.model_dump_json()}|{torch.__version__}|{timm.__version__}"
-        onnx_path = artifacts / f"pel-untrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.onnx"
+    onnx_path = onnx_artifact(cfg)
     warnings = []
     if not meta.trained:
         warnings.append("model was never trained: its scores are meaningless")
@@ -66,7 +73,9 @@ def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
         warnings.append("model was never calibrated: probabilities and threshold are uncalibrated")
     for w in warnings:
         log.warning("PEL MODEL WARNING: %s (checkpoint: %s)", w, cfg.checkpoint or "none configured")
-    backend = create_backend(model, cfg.backend, device, cfg.precision, onnx_path)
+    backend = create_backend(model, cfg.backend, device, cfg.precision, onnx_path,
+                             compile=cfg.compile, trt_profile=cfg.tensorrt_profile,
+                             calibration_dir=cfg.calibration_dir)
     threshold = cfg.threshold if cfg.threshold is not None else meta.threshold
     m = meta.model
     model_id = f"pel-{m.backbone}-{m.input_size}@{tag}+{backend.describe()}"  # a metrics label: no "/"

@@ -86,3 +86,19 @@ def test_untrained_model_warns_loudly(tmp_path, caplog):
     scorer = load_scorer(cfg, device="cpu")
     assert any("never trained" in w for w in scorer.warnings)
     assert "never trained" in caplog.text and "@untrained+" in scorer.model_id
+
+
+def test_detector_config_compiled_inference_options(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="calibration_dir"):
+        DetectorConfig(precision="int8")
+    with pytest.raises(ValidationError, match="min <= opt <= max"):
+        DetectorConfig(trt_profile=(8, 4, 64))
+    with pytest.raises(ValidationError):
+        DetectorConfig(compile="fastest")
+    assert DetectorConfig().tensorrt_profile == (1, 16, 32)  # follows max_batch_size
+    assert DetectorConfig(max_batch_size=64).tensorrt_profile == (1, 32, 64)
+    assert DetectorConfig(trt_profile=(2, 8, 16)).tensorrt_profile == (2, 8, 16)
+    cfg = DetectorConfig(precision="int8", calibration_dir=tmp_path)
+    assert cfg.calibration_dir == tmp_path

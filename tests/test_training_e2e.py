@@ -98,8 +98,9 @@ def _calibrate_evaluate_serve(tmp: Path, best: Path, prepared: Path, eval_split:
     assert cal.diagram.stat().st_size > 1000
     assert "calibration" in meta.provenance
 
+    # With export: `pel evaluate --int8-calibration` also measures the INT8 graph's cost.
     report = evaluate(cal.checkpoint, prepared, tmp / "eval", eval_split, perturbations,
-                      batch_size=16)
+                      batch_size=16, int8_calibration=prepared if export else None)
     saved = json.loads((tmp / "eval" / "report.json").read_text())
     assert saved["clean"]["frame"]["n"] == len(read_index(prepared, eval_split))
     for level in ("frame", "video"):
@@ -109,6 +110,17 @@ def _calibrate_evaluate_serve(tmp: Path, best: Path, prepared: Path, eval_split:
         assert d["delta"]["frame"]["auc"] == pytest.approx(d["frame"]["auc"] - saved["clean"]["frame"]["auc"])
     assert (tmp / "eval" / "roc.png").stat().st_size > 1000
     assert (tmp / "eval" / "scores.png").stat().st_size > 1000
+    if export:
+        int8 = saved["int8"]
+        assert int8["n"] == saved["clean"]["frame"]["n"] and int8["threshold"] == pytest.approx(cal.threshold)
+        val = read_index(prepared, "val")  # both classes, or real crops and self-blended twins
+        both = len({r["label"] for r in val}) == 2
+        assert int8["calibration_crops"] == (len(val) if both else 2 * len(val))
+        assert 0 <= int8["decision_agreement"] <= 1 and int8["max_abs_prob_change"] < 0.5
+        assert int8["auc_drop"] == pytest.approx(int8["auc_fp32"] - int8["auc_int8"])
+        assert int8["auc_fp32"] == pytest.approx(saved["clean"]["frame"]["auc"], abs=1e-3)
+    else:
+        assert "int8" not in saved
 
     # Export ONNX where the service looks for it, then load it the way the service does (the
     # export is slow on 2 CPU cores, so the second layout uses the torch backend).
@@ -126,6 +138,12 @@ def _calibrate_evaluate_serve(tmp: Path, best: Path, prepared: Path, eval_split:
         ref = torch.sigmoid(model(torch.from_numpy(crops)).double() / meta.temperature).numpy()
     assert probs.shape == (4,)
     np.testing.assert_allclose(probs, ref, atol=1e-3)
+    if export:  # the service's INT8 path: Q/DQ graph calibrated on the prepared val split
+        int8 = load_scorer(DetectorConfig(checkpoint=cal.checkpoint, artifacts_dir=art,
+                                          backend="onnxruntime", precision="int8",
+                                          calibration_dir=prepared), device="cpu")
+        assert list(art.glob("pel-*.int8-*.onnx")) and int8.model_id.endswith("+onnxruntime:cpu:int8")
+        assert np.abs(int8.probabilities(crops) - ref).max() < 0.2
 
 
 def test_ffpp_prepare_train_resume_calibrate_evaluate_export(tmp_path, ray_cluster):

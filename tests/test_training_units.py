@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,3 +256,42 @@ def test_celebdf_dfdc_folder_csv(tmp_path):
     (tmp_path / "list.csv").write_text("path,label\nplain/real/a.jpg,sort-of\n")
     with pytest.raises(DatasetError, match="list.csv:2"):
         load_sources("csv", tmp_path / "list.csv")
+
+
+def _prepared(tmp_path, labels_by_split: dict[str, list[int]], size: int = 64) -> Path:
+    """A hand-made `pel prepare` output: png crops and their index rows."""
+    from PIL import Image
+    from model_utils import face_batch
+
+    rows = []
+    (tmp_path / "crops").mkdir(parents=True)
+    for split, labels in labels_by_split.items():
+        for i, (label, crop) in enumerate(zip(labels, face_batch(len(labels), size, seed=len(rows)))):
+            path = f"crops/{split}-{i}.png"
+            Image.fromarray(crop).save(tmp_path / path)
+            rows.append({"video": f"{split}-{i}", "frame": 0, "label": label, "split": split,
+                         "method": "", "path": path})
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_int8_calibration_crops_take_both_classes(tmp_path):
+    from pel_model.quantize import load_calibration_crops
+    from training.data import calibration_crops
+
+    both = _prepared(tmp_path / "both", {"val": [0] * 30 + [1] * 6, "train": [1] * 10})
+    crops = calibration_crops(both, "val", limit=16)
+    assert crops.shape == (16, 64, 64, 3)  # all 6 fakes of val, 10 of its 30 real crops
+    assert len(calibration_crops(both, "val", limit=100)) == 36
+    resized = load_calibration_crops(both, 32, limit=16)  # the service's entry point
+    assert resized.shape == (16, 32, 32, 3) and resized.dtype == np.uint8
+    real_only = _prepared(tmp_path / "real", {"val": [0] * 12})
+    crops = calibration_crops(real_only, "val", limit=16)  # 8 real + 8 self-blended twins
+    assert crops.shape == (16, 64, 64, 3) and not np.array_equal(crops[:8], crops[8:])
+    fake_only = _prepared(tmp_path / "fake", {"val": [1] * 12})
+    with pytest.raises(ValueError, match="no real crops"):
+        calibration_crops(fake_only, "val")
+    with pytest.raises(ValueError, match="no crops in split"):
+        calibration_crops(both, "test")
+    with pytest.raises(FileNotFoundError):
+        load_calibration_crops(tmp_path / "missing", 64)

@@ -108,9 +108,11 @@ def _evaluate(args) -> int:
     cfg = load_train_config(args.config)
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + "-eval")
     report = evaluate(Path(args.checkpoint), Path(args.data), out, args.split,
-                      parse_perturbations(args.robustness), cfg.eval_batch_size, cfg.seed, args.device)
+                      parse_perturbations(args.robustness), cfg.eval_batch_size, cfg.seed, args.device,
+                      int8_calibration=args.int8_calibration)
     print(json.dumps({"report": str(out / "report.json"), "clean": report["clean"],
-                      "robustness_delta": {k: v["delta"] for k, v in report["robustness"].items()}}))
+                      "robustness_delta": {k: v["delta"] for k, v in report["robustness"].items()},
+                      **({"int8": report["int8"]} if "int8" in report else {})}))
     return 0
 
 
@@ -181,4 +183,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="'all', 'none' or e.g. 'jpeg:70,gaussian_blur:2' (default all)")
     p.add_argument("--out", help="report folder (default <checkpoint>-eval)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--int8-calibration", type=Path, metavar="DIR",
+                   help="also measure what INT8 costs: quantise with crops from DIR (a prepared "
+                        "folder, its val split, or face images) and compare with FP32 on --split")
     p.set_defaults(func=_evaluate)

@@ -124,3 +124,25 @@ def eval_arrays(prepared: Path, rows: list[dict], seed: int, margin: float = 0.3
         labels = np.r_[labels, np.ones(len(fakes), np.int64)]
         videos = videos + [v + "#sbi" for v in videos]
     return crops, labels, videos
+
+
+def calibration_crops(prepared: Path, split: str = "val", limit: int = 256, seed: int = 0
+                      ) -> np.ndarray:
+    """INT8 calibration crops of a prepared split: half real, half fake where the split allows
+    (ranges calibrated on real faces only can clip the activations that flag a fake). A split of
+    real faces only (self-blended training) gets self-blended fakes, as in validation."""
+    rows = read_index(prepared, split)
+    rng = np.random.default_rng(seed)
+    real = [r for r in rows if r["label"] == 0]
+    fake = [r for r in rows if r["label"] == 1]
+    if not real:
+        raise ValueError(f"split {split!r} of {prepared} has no real crops: INT8 calibration "
+                         "needs both classes")
+    if not fake:  # eval_arrays adds one self-blended twin per real crop
+        pick = [real[i] for i in sorted(rng.choice(len(real), min(len(real), limit // 2), replace=False))]
+        return eval_arrays(prepared, pick, seed, synthesize_fakes=True)[0]
+    n_real = min(len(real), max(limit // 2, limit - len(fake)))
+    n_fake = min(len(fake), limit - n_real)
+    pick = [real[i] for i in sorted(rng.choice(len(real), n_real, replace=False))]
+    pick += [fake[i] for i in sorted(rng.choice(len(fake), n_fake, replace=False))]
+    return load_crops(prepared, pick)

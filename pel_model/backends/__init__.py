@@ -85,10 +85,14 @@ def _int8_graph(fp32_path: Path, input_size: int, calibration_dir: str | Path | 
     """The Q/DQ INT8 graph beside the FP32 one, quantised on first use."""
     from ..quantize import load_calibration_crops, quantize_int8
 
-    path = fp32_path.with_name(f"{fp32_path.stem}.int8.onnx")
+    from ..engine_cache import crops_sha256
+
+    if calibration_dir is None:
+        raise ValueError("int8 needs calibration data: set calibration_dir to a folder of face "
+                         "crop images or a `pel prepare` output")
+    crops = load_calibration_crops(calibration_dir, input_size)
+    # Keyed by the calibration crops too: new calibration data gives a new graph.
+    path = fp32_path.with_name(f"{fp32_path.stem}.int8-{crops_sha256(crops)[:12]}.onnx")
     if not path.exists():
-        if calibration_dir is None:
-            raise ValueError("int8 needs calibration data: set calibration_dir to a folder of "
-                             "real face crop images")
-        quantize_int8(fp32_path, path, load_calibration_crops(calibration_dir, input_size))
+        quantize_int8(fp32_path, path, crops)
     return path

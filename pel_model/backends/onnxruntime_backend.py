@@ -23,7 +23,8 @@ class OnnxRuntimeBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or int(os.environ.get("PEL_ORT_THREADS", 0))
         self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
-        precision = "int8" if "int8" in Path(onnx_path).name else "fp32"
+        name = Path(onnx_path).name
+        precision = "int8" if "int8" in name else "fp16" if "fp16" in name else "fp32"
         super().__init__(input_size, "cuda" if providers[0].startswith("CUDA") else "cpu", precision)
 
     def _run(self, crops: np.ndarray) -> np.ndarray:
