@@ -153,6 +153,8 @@ class DetectorConfig(_Strict):
     # INT8 calibration data: a folder of face crop images, or a `pel prepare` output folder
     # (its val split, real and fake crops). Required for precision int8.
     calibration_dir: Optional[Path] = None
+    # INT8 mixed precision: weight-name prefixes of layers kept in float (e.g. ["rgb.blocks.6"]).
+    int8_keep_float: tuple[str, ...] = ()
     # TensorRT optimisation profile (min, opt, max batch); null: (1, max_batch_size/2, max_batch_size).
     trt_profile: Optional[tuple[int, int, int]] = None
     # torch.compile mode of the PyTorch CUDA backend ("reduce-overhead" replays CUDA graphs).

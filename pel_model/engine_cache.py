@@ -47,6 +47,7 @@ class EngineKey:
     compute_capability: tuple[int, int]
     os: str = f"{platform.system()}-{platform.machine()}"
     calibration_sha256: str | None = None  # INT8: the calibration crops shape the Q/DQ scales
+    float_layers: tuple[str, ...] = ()  # INT8: weight-name prefixes of layers kept in float
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -76,10 +77,11 @@ class EngineKey:
 def engine_cache_key(model_sha256: str, precision: str, input_size: int,
                      profile: tuple[int, int, int], tensorrt_version: str,
                      compute_capability: tuple[int, int],
-                     calibration_sha256: str | None = None) -> str:
+                     calibration_sha256: str | None = None, float_layers: tuple[str, ...] = ()) -> str:
     """The cache key (a hex digest) of one engine; a pure function of its arguments and the OS."""
     return EngineKey(model_sha256, precision, input_size, tuple(profile), tensorrt_version,
-                     tuple(compute_capability), calibration_sha256=calibration_sha256).digest()
+                     tuple(compute_capability), calibration_sha256=calibration_sha256,
+                     float_layers=tuple(float_layers)).digest()
 
 
 def crops_sha256(crops) -> str:

@@ -35,7 +35,8 @@ def _export(args: argparse.Namespace) -> int:
     if precision == "fp16":
         result["onnx_fp16"] = str(convert_fp16(out, out.with_suffix(".fp16.onnx")))
     elif precision == "int8":  # the CPU (ONNX Runtime) Q/DQ graph
-        result["onnx_int8"] = str(quantize_int8(out, out.with_suffix(".int8.onnx"), calib))
+        result["onnx_int8"] = str(quantize_int8(out, out.with_suffix(".int8.onnx"), calib,
+                                                keep_float=args.int8_keep_float))
     if args.trt:  # built where the service looks for it (same ONNX file, same cache key)
         from .backends.tensorrt_backend import build_engine
         from .config import DetectorConfig
@@ -47,7 +48,8 @@ def _export(args: argparse.Namespace) -> int:
             served.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(out, served)
         result["tensorrt_engine"] = str(build_engine(served, size, precision, profile=args.profile,
-                                                     calibration_crops=calib))
+                                                     calibration_crops=calib,
+                                                     keep_float=tuple(args.int8_keep_float)))
     print(json.dumps(result))
     return 0
 
@@ -70,6 +72,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "<output>.int8.onnx); with --trt, the engine's precision (default fp16)")
     p.add_argument("--calibration-dir", type=Path, metavar="DIR",
                    help="INT8 calibration crops: a `pel prepare` output (val split) or face images")
+    p.add_argument("--int8-keep-float", nargs="+", default=(), metavar="PREFIX",
+                   help="INT8: weight-name prefixes of layers kept in float (e.g. rgb.blocks.6)")
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs a GPU)")
     p.add_argument("--profile", type=_profile, default=DetectorConfig().tensorrt_profile,
                    metavar="MIN,OPT,MAX", help="TensorRT batch profile (default: the service's, "

@@ -147,7 +147,8 @@ def quantize_int8(onnx_fp32_path: str | Path, out_path: str | Path, calibration_
                   per_channel: bool = True, *, target: Literal["cpu", "tensorrt"] = "cpu",
                   keep_frontend_float: bool = True, preprocess: bool = True,
                   batch_size: int = 8, op_types: Sequence[str] | None = ("Conv", "Gemm"),
-                  calibrate_method: Literal["MinMax", "Percentile", "Entropy"] = "Percentile") -> Path:
+                  calibrate_method: Literal["MinMax", "Percentile", "Entropy"] = "Percentile",
+                  keep_float: Sequence[str] = ()) -> Path:
     """Static INT8 quantisation in QDQ format, calibrated on face crops of both classes
     (`load_calibration_crops`); percentile ranges by default (clipping rare outliers keeps the
     8-bit grid fine).
@@ -159,6 +160,8 @@ def quantize_int8(onnx_fp32_path: str | Path, out_path: str | Path, calibration_
     the final Gemm carry nearly all FLOPs; quantising SiLU, the median filter and the attention
     gates too costs accuracy (measured on a weak test model: decision agreement 84% all ops +
     min/max, 87% Conv/Gemm + min/max, 92% Conv/Gemm + percentile).
+    keep_float: weight-name prefixes (e.g. "rgb.blocks.5", "rgb.") of layers left in float, a
+    mixed-precision fallback for layers with outlier channels (see docs/benchmarks.md).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -177,6 +180,7 @@ def quantize_int8(onnx_fp32_path: str | Path, out_path: str | Path, calibration_
             quant_pre_process(str(src), str(model_in), skip_symbolic_shape=True)
         model = onnx.load(str(model_in))
         exclude = frontend_nodes(model) if keep_frontend_float else []
+        exclude += float_layers(model, keep_float)
         symmetric = target == "tensorrt"
         # Written beside the target, then renamed: concurrent replicas never read half a graph.
         partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
@@ -196,6 +200,21 @@ def quantize_int8(onnx_fp32_path: str | Path, out_path: str | Path, calibration_
     log.info("INT8 (QDQ, %s) graph written to %s; %d front-end nodes kept in float",
              target, out_path, len(exclude))
     return out_path
+
+
+def float_layers(model: onnx.ModelProto, prefixes: Sequence[str]) -> list[str]:
+    """Names of the Conv/Gemm nodes whose weight name starts with one of `prefixes`."""
+    names, unused = [], set(prefixes)
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 1:
+            hits = {p for p in prefixes if node.input[1].startswith(p)}
+            if hits:
+                names.append(node.name)
+                unused -= hits
+    if unused:
+        raise ValueError(f"keep_float prefixes {sorted(unused)} match no Conv/Gemm weight "
+                         "(names look like 'rgb.blocks.5', 'freq.conv_head', 'mutual.3', 'fc')")
+    return names
 
 
 def cast_input_first(src: str | Path, dst: str | Path) -> Path:

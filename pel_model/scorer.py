@@ -75,7 +75,8 @@ def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
         log.warning("PEL MODEL WARNING: %s (checkpoint: %s)", w, cfg.checkpoint or "none configured")
     backend = create_backend(model, cfg.backend, device, cfg.precision, onnx_path,
                              compile=cfg.compile, trt_profile=cfg.tensorrt_profile,
-                             calibration_dir=cfg.calibration_dir)
+                             calibration_dir=cfg.calibration_dir,
+                             int8_keep_float=cfg.int8_keep_float)
     threshold = cfg.threshold if cfg.threshold is not None else meta.threshold
     m = meta.model
     model_id = f"pel-{m.backbone}-{m.input_size}@{tag}+{backend.describe()}"  # a metrics label: no "/"

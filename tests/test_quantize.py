@@ -27,8 +27,8 @@ from pel_model.config import ModelConfig
 from pel_model.engine_cache import EngineKey, crops_sha256, engine_cache_key
 from pel_model.export import export_onnx
 from pel_model.export import INPUT_NAME
-from pel_model.quantize import (_CropReader, cast_input_first, convert_fp16, frontend_nodes, int8_accuracy_cost,
-                                quantize_int8)
+from pel_model.quantize import (_CropReader, cast_input_first, convert_fp16, frontend_nodes,
+                                int8_accuracy_cost, quantize_int8)
 
 from model_utils import face_batch, small_model
 
@@ -180,6 +180,23 @@ def test_calibration_batches_are_equal_and_cover_every_crop() -> None:
     assert [len(b[INPUT_NAME]) for b in _CropReader(crops[:5], 8)] == [5]
 
 
+def test_int8_keep_float_leaves_those_layers_in_float(graphs) -> None:
+    out = quantize_int8(graphs["fp32"], graphs["tmp"] / "mixed.int8.onnx", graphs["calibration"],
+                        keep_float=("rgb.blocks.6", "fc"))
+    model = onnx.load(str(out))
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    kept = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")
+            and n.input[1].startswith(("rgb.blocks.6", "fc"))]
+    assert len(kept) >= 4 and not any(i in dq_out for n in kept for i in n.input)
+    quantised = [n for n in model.graph.node if n.op_type == "Conv" and n.input[0] in dq_out]
+    assert len(quantised) > 150  # the rest stays INT8
+    cost = int8_accuracy_cost(graphs["fp32"], out, graphs["val_x"], graphs["val_y"])
+    assert cost["auc_drop"] <= 0.005 and cost["decision_agreement"] >= 0.98
+    with pytest.raises(ValueError, match="match no Conv/Gemm"):
+        quantize_int8(graphs["fp32"], graphs["tmp"] / "typo.onnx", graphs["calibration"],
+                      keep_float=("rgb.block.6",))
+
+
 def test_quantize_rejects_bad_calibration(graphs) -> None:
     out = graphs["tmp"] / "bad.onnx"
     with pytest.raises(ValueError, match="uint8"):
@@ -234,6 +251,8 @@ def test_engine_cache_key_changes_with_every_part() -> None:
     int8 = {**base, "precision": "int8"}
     c1, c2 = crops_sha256(face_batch(8, 64, seed=1)), crops_sha256(face_batch(8, 64, seed=2))
     assert engine_cache_key(**int8, calibration_sha256=c1) != engine_cache_key(**int8, calibration_sha256=c2)
+    assert engine_cache_key(**int8, calibration_sha256=c1) != \
+        engine_cache_key(**int8, calibration_sha256=c1, float_layers=("rgb.blocks.6",))
     with pytest.raises(ValueError, match="calibration"):
         engine_cache_key(**int8)
     with pytest.raises(ValueError, match="min <= opt <= max"):

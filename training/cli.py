@@ -109,7 +109,7 @@ def _evaluate(args) -> int:
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + "-eval")
     report = evaluate(Path(args.checkpoint), Path(args.data), out, args.split,
                       parse_perturbations(args.robustness), cfg.eval_batch_size, cfg.seed, args.device,
-                      int8_calibration=args.int8_calibration)
+                      int8_calibration=args.int8_calibration, int8_keep_float=args.int8_keep_float)
     print(json.dumps({"report": str(out / "report.json"), "clean": report["clean"],
                       "robustness_delta": {k: v["delta"] for k, v in report["robustness"].items()},
                       **({"int8": report["int8"]} if "int8" in report else {})}))
@@ -186,4 +186,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8-calibration", type=Path, metavar="DIR",
                    help="also measure what INT8 costs: quantise with crops from DIR (a prepared "
                         "folder, its val split, or face images) and compare with FP32 on --split")
+    p.add_argument("--int8-keep-float", nargs="+", default=(), metavar="PREFIX",
+                   help="with --int8-calibration: weight-name prefixes of layers kept in float")
     p.set_defaults(func=_evaluate)

@@ -85,7 +85,7 @@ def _delta(clean: dict, other: dict) -> dict:
 
 
 def int8_cost(model, meta, crops: np.ndarray, labels: np.ndarray, calibration: Path,
-              out_dir: Path) -> dict:
+              out_dir: Path, keep_float: tuple[str, ...] = ()) -> dict:
     """Quantise the checkpoint's ONNX graph to INT8 (Q/DQ) with crops from `calibration` and
     compare it with FP32 on these crops: AUC drop and decision agreement at the threshold."""
     from pel_model.export import export_onnx
@@ -93,17 +93,19 @@ def int8_cost(model, meta, crops: np.ndarray, labels: np.ndarray, calibration: P
 
     fp32 = export_onnx(model, out_dir / "model.onnx")
     calib = load_calibration_crops(calibration, meta.model.input_size)
-    int8 = quantize_int8(fp32, out_dir / "model.int8.onnx", calib)
+    int8 = quantize_int8(fp32, out_dir / "model.int8.onnx", calib, keep_float=keep_float)
     cost = int8_accuracy_cost(fp32, int8, crops, labels, meta.threshold, meta.temperature)
     log.info("INT8 vs FP32 on %d crops: AUC %.4f -> %.4f, decision agreement %.4f", cost["n"],
              cost["auc_fp32"], cost["auc_int8"], cost["decision_agreement"])
     return {**cost, "calibration": str(calibration), "calibration_crops": int(len(calib)),
+            "keep_float": list(keep_float),
             "onnx_int8": str(int8)}
 
 
 def evaluate(checkpoint: Path, prepared: Path, out_dir: Path, split: str = "test",
              perturbations: Optional[dict[str, float]] = None, batch_size: int = 64,
-             seed: int = 0, device: str = "cpu", int8_calibration: Optional[Path] = None) -> dict:
+             seed: int = 0, device: str = "cpu", int8_calibration: Optional[Path] = None,
+             int8_keep_float: tuple[str, ...] = ()) -> dict:
     """Evaluate and write the report (see module doc); returns the report dict."""
     model, meta = load_checkpoint(checkpoint, device)
     size = manifest(prepared)["size"]
@@ -132,7 +134,8 @@ def evaluate(checkpoint: Path, prepared: Path, out_dir: Path, split: str = "test
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if int8_calibration is not None:
-        report["int8"] = int8_cost(model.cpu(), meta, crops, labels, Path(int8_calibration), out_dir)
+        report["int8"] = int8_cost(model.cpu(), meta, crops, labels, Path(int8_calibration), out_dir,
+                                   tuple(int8_keep_float))
     if labels.min() != labels.max():
         report["roc_png"] = str(roc_plot(curves, out_dir / "roc.png"))
     report["histogram_png"] = str(score_histogram(labels, probs, thr, out_dir / "scores.png"))

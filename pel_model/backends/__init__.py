@@ -5,6 +5,7 @@ CUDA, then ONNX Runtime on CPU (2-4x faster than PyTorch eager on CPU here).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -31,11 +32,13 @@ def _tensorrt_available() -> bool:
 def create_backend(model: PEL, kind: str = "auto", device: str | None = None,
                    precision: str = "fp32", onnx_path: str | Path | None = None, *,
                    compile: str = "off", trt_profile: tuple[int, int, int] = (1, 16, 64),
-                   calibration_dir: str | Path | None = None) -> Backend:
+                   calibration_dir: str | Path | None = None,
+                   int8_keep_float: tuple[str, ...] = ()) -> Backend:
     """Build a backend for `model`. `onnx_path` is where the ONNX export is cached (made if absent).
 
     `compile`: torch.compile mode of the PyTorch CUDA backend; `trt_profile`: TensorRT batch
-    (min, opt, max); `calibration_dir`: face crop images for INT8 calibration.
+    (min, opt, max); `calibration_dir`: face crops for INT8 calibration; `int8_keep_float`:
+    weight-name prefixes of layers an INT8 graph keeps in float.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     auto = kind == "auto"
@@ -52,7 +55,8 @@ def create_backend(model: PEL, kind: str = "auto", device: str | None = None,
                      if precision == "int8" and calibration_dir is not None else None)
             backend: Backend = TensorRTBackend.from_model(model, onnx_path, device, precision,
                                                           profile=tuple(trt_profile),
-                                                          calibration_crops=calib)
+                                                          calibration_crops=calib,
+                                                          keep_float=int8_keep_float)
         except (RuntimeError, ValueError) as exc:
             if not auto:
                 raise
@@ -72,7 +76,7 @@ def create_backend(model: PEL, kind: str = "auto", device: str | None = None,
         if not onnx_path.exists():
             export_onnx(model, onnx_path)
         if precision == "int8":
-            onnx_path = _int8_graph(onnx_path, model.cfg.input_size, calibration_dir)
+            onnx_path = _int8_graph(onnx_path, model.cfg.input_size, calibration_dir, int8_keep_float)
         backend = OnnxRuntimeBackend(onnx_path, model.cfg.input_size, device)
     elif kind != "tensorrt":
         raise ValueError(f"unknown backend {kind!r}: use auto, torch, onnxruntime or tensorrt")
@@ -81,7 +85,8 @@ def create_backend(model: PEL, kind: str = "auto", device: str | None = None,
     return backend
 
 
-def _int8_graph(fp32_path: Path, input_size: int, calibration_dir: str | Path | None) -> Path:
+def _int8_graph(fp32_path: Path, input_size: int, calibration_dir: str | Path | None,
+                keep_float: tuple[str, ...] = ()) -> Path:
     """The Q/DQ INT8 graph beside the FP32 one, quantised on first use."""
     from ..quantize import load_calibration_crops, quantize_int8
 
@@ -91,8 +96,9 @@ def _int8_graph(fp32_path: Path, input_size: int, calibration_dir: str | Path | 
         raise ValueError("int8 needs calibration data: set calibration_dir to a folder of face "
                          "crop images or a `pel prepare` output")
     crops = load_calibration_crops(calibration_dir, input_size)
-    # Keyed by the calibration crops too: new calibration data gives a new graph.
-    path = fp32_path.with_name(f"{fp32_path.stem}.int8-{crops_sha256(crops)[:12]}.onnx")
+    # Keyed by the calibration crops and float layers too: either changes the graph.
+    recipe = hashlib.sha256(f"{crops_sha256(crops)}|{sorted(keep_float)}".encode()).hexdigest()
+    path = fp32_path.with_name(f"{fp32_path.stem}.int8-{recipe[:12]}.onnx")
     if not path.exists():
-        quantize_int8(fp32_path, path, crops)
+        quantize_int8(fp32_path, path, crops, keep_float=keep_float)
     return path

@@ -51,7 +51,8 @@ def _cuda_device(device: str) -> torch.device:
 
 
 def _graph_for_precision(onnx_path: Path, precision: str, out_dir: Path,
-                         calibration_crops: np.ndarray | None, tag: str) -> Path:
+                         calibration_crops: np.ndarray | None, tag: str,
+                         keep_float: tuple[str, ...] = ()) -> Path:
     """The ONNX graph that carries `precision`, with the uint8 Cast before the Transpose."""
     from ..quantize import cast_input_first, convert_fp16, quantize_int8
 
@@ -62,7 +63,8 @@ def _graph_for_precision(onnx_path: Path, precision: str, out_dir: Path,
     if precision == "fp16":
         return convert_fp16(base, out_dir / f"{tag}.fp16.onnx")
     assert calibration_crops is not None
-    return quantize_int8(base, out_dir / f"{tag}.int8-qdq.onnx", calibration_crops, target="tensorrt")
+    return quantize_int8(base, out_dir / f"{tag}.int8-qdq.onnx", calibration_crops, target="tensorrt",
+                         keep_float=keep_float)
 
 
 def _calibration_or_env(calibration_crops: np.ndarray | None, input_size: int) -> np.ndarray:
@@ -78,21 +80,23 @@ def _calibration_or_env(calibration_crops: np.ndarray | None, input_size: int) -
 
 def engine_key(onnx_path: str | Path, input_size: int, precision: str,
                profile: tuple[int, int, int] = DEFAULT_PROFILE, device: str = "cuda",
-               calibration_crops: np.ndarray | None = None) -> EngineKey:
+               calibration_crops: np.ndarray | None = None,
+               keep_float: tuple[str, ...] = ()) -> EngineKey:
     """The cache key of the engine for this graph on this machine (needs TensorRT and a GPU)."""
     trt = import_tensorrt()
     dev = _cuda_device(device)
     return EngineKey(file_sha256(onnx_path), precision, input_size, validate_profile(tuple(profile)),
                      trt.__version__, torch.cuda.get_device_capability(dev),
                      calibration_sha256=crops_sha256(calibration_crops)
-                     if precision == "int8" else None)
+                     if precision == "int8" else None,
+                     float_layers=tuple(sorted(keep_float)) if precision == "int8" else ())
 
 
 def build_engine(onnx_path: str | Path, input_size: int, precision: str = "fp16",
                  cache_dir: str | Path | None = None,
                  profile: tuple[int, int, int] = DEFAULT_PROFILE,
                  calibration_crops: np.ndarray | None = None, workspace_gib: float = 4.0,
-                 device: str = "cuda") -> Path:
+                 device: str = "cuda", keep_float: tuple[str, ...] = ()) -> Path:
     """Build (or find in the cache) the engine for the FP32 ONNX graph at `onnx_path`.
 
     Returns the engine's path under `cache_dir` (default: `<onnx dir>/tensorrt`).
@@ -103,7 +107,7 @@ def build_engine(onnx_path: str | Path, input_size: int, precision: str = "fp16"
         raise FileNotFoundError(f"ONNX model {onnx_path} does not exist: run `pel export` first")
     if precision == "int8":
         calibration_crops = _calibration_or_env(calibration_crops, input_size)
-    key = engine_key(onnx_path, input_size, precision, profile, device, calibration_crops)
+    key = engine_key(onnx_path, input_size, precision, profile, device, calibration_crops, keep_float)
     cache = Path(cache_dir) if cache_dir is not None else onnx_path.parent / "tensorrt"
     cache.mkdir(parents=True, exist_ok=True)
     engine_path = cache / key.engine_name()
@@ -112,7 +116,8 @@ def build_engine(onnx_path: str | Path, input_size: int, precision: str = "fp16"
         return engine_path
     start = time.perf_counter()
     with torch.cuda.device(_cuda_device(device)), tempfile.TemporaryDirectory(prefix="pel-trt-") as tmp:
-        graph = _graph_for_precision(onnx_path, precision, Path(tmp), calibration_crops, key.digest())
+        graph = _graph_for_precision(onnx_path, precision, Path(tmp), calibration_crops, key.digest(),
+                                     keep_float)
         data = _build_serialized(trt, graph, input_size, precision, key.profile,
                                  cache / key.timing_cache_name(), workspace_gib)
     tmp_path = engine_path.with_suffix(".partial")
@@ -195,7 +200,8 @@ class TensorRTBackend(Backend):
     def from_model(cls, model: PEL, onnx_path: str | Path | None, device: str = "cuda",
                    precision: str = "fp16", profile: tuple[int, int, int] = DEFAULT_PROFILE,
                    cache_dir: str | Path | None = None,
-                   calibration_crops: np.ndarray | None = None, contexts: int = 2) -> "TensorRTBackend":
+                   calibration_crops: np.ndarray | None = None, contexts: int = 2,
+                   keep_float: tuple[str, ...] = ()) -> "TensorRTBackend":
         """Export the model's ONNX graph if needed, build or load the cached engine, load it."""
         if onnx_path is None:
             raise ValueError("the tensorrt backend needs an onnx_path to export to or load from")
@@ -204,7 +210,7 @@ class TensorRTBackend(Backend):
         if not onnx_path.exists():
             export_onnx(model, onnx_path)
         engine = build_engine(onnx_path, model.cfg.input_size, precision, cache_dir, profile,
-                              calibration_crops, device=device)
+                              calibration_crops, device=device, keep_float=keep_float)
         return cls(engine, model.cfg.input_size, device, precision, contexts)
 
     def describe(self) -> str:
