@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .bench_model import _ints, build_model, parse_spec
-from .common import count_flops, face_crops, machine_info, markdown_table
+from .common import count_flops, face_crops, machine_info, markdown_table, torch_gemm_gflops
 
 BUDGET_S = 270.0  # the whole run stays under five minutes
 COLUMNS = [("variant", "variant"), ("batch", "batch"), ("latency_ms", "latency ms (median)"),
@@ -41,21 +41,11 @@ def _sync(device: str) -> None:
 
 
 def matmul_rate(device: str, dtype: torch.dtype, n: int, tf32: bool = False, reps: int = 10) -> float:
-    """Best TFLOP/s of an n x n x n torch.matmul."""
+    """Best TFLOP/s of an n x n x n torch matmul, with TF32 on or off for float32."""
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        torch.matmul(a, b)
-        _sync(device)
-        best = float("inf")
-        for _ in range(reps):
-            start = time.perf_counter()
-            torch.matmul(a, b)
-            _sync(device)
-            best = min(best, time.perf_counter() - start)
-        return 2 * n ** 3 / best / 1e12
+        return torch_gemm_gflops(n, reps, dtype, device) / 1e3
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
 

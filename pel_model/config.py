@@ -166,9 +166,8 @@ class DetectorConfig(_Strict):
             raise ValueError("precision int8 needs calibration_dir: a folder of real face crops "
                              "or a `pel prepare` output (its val split is used)")
         if self.trt_profile is not None:
-            lo, opt, hi = self.trt_profile
-            if not 1 <= lo <= opt <= hi:
-                raise ValueError(f"trt_profile must be 1 <= min <= opt <= max, got {self.trt_profile}")
+            from .engine_cache import validate_profile
+            validate_profile(self.trt_profile)
         return self
 
     @property

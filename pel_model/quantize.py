@@ -155,7 +155,7 @@ def quantize_int8(onnx_fp32_path: str | Path, out_path: str | Path, calibration_
 
     target "cpu": uint8 activations, int8 weights (the fast U8S8 kernels of x86 CPUs).
     target "tensorrt": symmetric int8 activations and weights (zero point 0, as TensorRT requires;
-    the post-SiLU activations then use half the grid: measure with `int8_accuracy_cost`).
+    the post-SiLU activations then use half the grid: measure with `pel evaluate --int8-calibration`).
     op_types: the ops whose inputs get Q/DQ (None: every op ORT can quantise). Convolutions and
     the final Gemm carry nearly all FLOPs; quantising SiLU, the median filter and the attention
     gates too costs accuracy (measured on a weak test model: decision agreement 84% all ops +
@@ -275,36 +275,3 @@ def load_calibration_crops(folder: str | Path, input_size: int, limit: int = 256
                      np.asarray(Image.fromarray(c).resize((input_size, input_size), Image.BILINEAR))
                      for c in crops]).astype(np.uint8)
 
-
-def int8_accuracy_cost(fp32_path: str | Path, int8_path: str | Path, crops: np.ndarray,
-                       labels: np.ndarray, threshold: float = 0.5, temperature: float = 1.0,
-                       batch_size: int = 32) -> dict:
-    """What INT8 costs on labelled crops: AUC of both graphs, decision agreement at `threshold`
-    (the service flags `p >= threshold`), and the largest probability change.
-
-    Both graphs run in ONNX Runtime on the CPU, so the comparison isolates quantisation.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    from .backends import OnnxRuntimeBackend
-    from .scorer import calibrated_probability
-
-    labels = np.asarray(labels)
-    size = crops.shape[1]
-
-    def probs(path: str | Path) -> np.ndarray:
-        backend = OnnxRuntimeBackend(path, size)
-        logits = np.concatenate([backend.logits(crops[i:i + batch_size])
-                                 for i in range(0, len(crops), batch_size)])
-        return calibrated_probability(logits, temperature)
-
-    p32, p8 = probs(fp32_path), probs(int8_path)
-    both = labels.min() != labels.max()
-    auc32 = float(roc_auc_score(labels, p32)) if both else float("nan")
-    auc8 = float(roc_auc_score(labels, p8)) if both else float("nan")
-    return {"n": int(len(labels)), "threshold": float(threshold), "auc_fp32": auc32,
-            "auc_int8": auc8, "auc_drop": auc32 - auc8,
-            "decision_agreement": float(np.mean((p32 >= threshold) == (p8 >= threshold))),
-            "flagged_fp32": float(np.mean(p32 >= threshold)),
-            "flagged_int8": float(np.mean(p8 >= threshold)),
-            "max_abs_prob_change": float(np.max(np.abs(p8 - p32)))}

@@ -45,13 +45,13 @@ class Scorer:
         return calibrated_probability(self.backend.logits(crops), self.meta.temperature).astype(np.float32)
 
 
-def onnx_artifact(cfg: DetectorConfig) -> Path:
+def onnx_artifact(cfg: DetectorConfig, checkpoint_digest: str | None = None) -> Path:
     """Where the service caches the ONNX export of the configured model (TensorRT engines go to
-    `tensorrt/` beside it): keyed by the checkpoint's digest, or for an untrained model by its
-    config and library versions."""
+    `tensorrt/` beside it): keyed by the checkpoint's digest (pass it when already known), or
+    for an untrained model by its config and library versions."""
     artifacts = Path(cfg.artifacts_dir).expanduser()
     if cfg.checkpoint is not None:
-        return artifacts / f"pel-{file_digest(cfg.checkpoint)}.onnx"
+        return artifacts / f"pel-{checkpoint_digest or file_digest(cfg.checkpoint)}.onnx"
     key = f"{cfg.model.model_dump_json()}|{torch.__version__}|{timm.__version__}"
     return artifacts / f"pel-untrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.onnx"
 
@@ -65,7 +65,7 @@ def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
         torch.manual_seed(0)  # deterministic random weights
         model = PEL(cfg.model, load_pretrained=False)
         meta, tag = CheckpointMeta(model=cfg.model), "untrained"
-    onnx_path = onnx_artifact(cfg)
+    onnx_path = onnx_artifact(cfg, tag if cfg.checkpoint is not None else None)
     warnings = []
     if not meta.trained:
         warnings.append("model was never trained: its scores are meaningless")

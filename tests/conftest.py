@@ -41,3 +41,19 @@ def ray_cluster() -> Iterator[dict]:
     from ray import serve
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A small PEL (b0@224) whose outputs depend on its input; one per test module."""
+    from model_utils import small_model
+
+    return small_model(seed=1)
+
+
+@pytest.fixture(scope="module")
+def onnx_path(model, tmp_path_factory):
+    """`model` exported to ONNX (dynamic batch, uint8 input)."""
+    from pel_model.export import export_onnx
+
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "pel.onnx")

@@ -7,20 +7,10 @@ import torch
 from pel_model.backends import OnnxRuntimeBackend, TorchBackend, create_backend
 from pel_model.checkpoint import CheckpointMeta, save_checkpoint
 from pel_model.config import DetectorConfig
-from pel_model.export import export_onnx
 from pel_model.scorer import load_scorer
 
 from model_utils import SMALL, face_batch, small_model
 
-
-@pytest.fixture(scope="module")
-def model():
-    return small_model(seed=1)
-
-
-@pytest.fixture(scope="module")
-def onnx_path(model, tmp_path_factory):
-    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "pel.onnx")
 
 
 def test_onnx_graph_is_valid_with_dynamic_batch(onnx_path):

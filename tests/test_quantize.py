@@ -28,7 +28,8 @@ from pel_model.engine_cache import EngineKey, crops_sha256, engine_cache_key
 from pel_model.export import export_onnx
 from pel_model.export import INPUT_NAME
 from pel_model.quantize import (_CropReader, cast_input_first, convert_fp16, frontend_nodes,
-                                int8_accuracy_cost, quantize_int8)
+                                quantize_int8)
+from training.evaluate import int8_accuracy_cost
 
 from model_utils import face_batch, small_model
 

@@ -15,21 +15,11 @@ if not torch.cuda.is_available():
 
 from pel_model.backends import OnnxRuntimeBackend, create_backend  # noqa: E402
 from pel_model.backends.tensorrt_backend import TensorRTBackend, build_engine  # noqa: E402
-from pel_model.export import export_onnx  # noqa: E402
 
 from model_utils import face_batch, small_model  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-
-@pytest.fixture(scope="module")
-def model():
-    return small_model(seed=1)
-
-
-@pytest.fixture(scope="module")
-def onnx_path(model, tmp_path_factory):
-    return export_onnx(model, tmp_path_factory.mktemp("trt") / "pel.onnx")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

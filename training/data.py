@@ -138,11 +138,12 @@ def calibration_crops(prepared: Path, split: str = "val", limit: int = 256, seed
     if not real:
         raise ValueError(f"split {split!r} of {prepared} has no real crops: INT8 calibration "
                          "needs both classes")
+
+    def take(group: list[dict], n: int) -> list[dict]:
+        return [group[i] for i in sorted(rng.choice(len(group), n, replace=False))]
+
     if not fake:  # eval_arrays adds one self-blended twin per real crop
-        pick = [real[i] for i in sorted(rng.choice(len(real), min(len(real), limit // 2), replace=False))]
+        pick = take(real, min(len(real), limit // 2))
         return eval_arrays(prepared, pick, seed, synthesize_fakes=True)[0]
     n_real = min(len(real), max(limit // 2, limit - len(fake)))
-    n_fake = min(len(fake), limit - n_real)
-    pick = [real[i] for i in sorted(rng.choice(len(real), n_real, replace=False))]
-    pick += [fake[i] for i in sorted(rng.choice(len(fake), n_fake, replace=False))]
-    return load_crops(prepared, pick)
+    return load_crops(prepared, take(real, n_real) + take(fake, min(len(fake), limit - n_real)))

@@ -23,7 +23,7 @@ from PIL import Image, ImageFilter
 from pel_model.checkpoint import load_checkpoint
 
 from .data import eval_arrays, manifest, read_index
-from .metrics import binary_metrics, video_level
+from .metrics import auc, binary_metrics, video_level
 from .plots import roc_plot, score_histogram
 from .scoring import predict_logits, sigmoid
 
@@ -84,12 +84,40 @@ def _delta(clean: dict, other: dict) -> dict:
                     if k in clean[level] and k in other[level]} for level in ("frame", "video")}
 
 
+def int8_accuracy_cost(fp32_path: Path, int8_path: Path, crops: np.ndarray, labels: np.ndarray,
+                       threshold: float = 0.5, temperature: float = 1.0, batch_size: int = 32) -> dict:
+    """What INT8 costs on labelled crops: AUC of both graphs, decision agreement at `threshold`
+    (the service flags `p >= threshold`), and the largest probability change.
+
+    Both graphs run in ONNX Runtime on the CPU, so the comparison isolates quantisation.
+    """
+    from pel_model.backends import OnnxRuntimeBackend
+
+    labels = np.asarray(labels)
+
+    def probs(path: Path) -> np.ndarray:
+        backend = OnnxRuntimeBackend(path, crops.shape[1])
+        logits = np.concatenate([backend.logits(crops[i:i + batch_size])
+                                 for i in range(0, len(crops), batch_size)])
+        return sigmoid(logits / temperature)
+
+    p32, p8 = probs(fp32_path), probs(int8_path)
+    both = labels.min() != labels.max()
+    auc32, auc8 = (auc(labels, p32), auc(labels, p8)) if both else (float("nan"), float("nan"))
+    return {"n": int(len(labels)), "threshold": float(threshold), "auc_fp32": auc32,
+            "auc_int8": auc8, "auc_drop": auc32 - auc8,
+            "decision_agreement": float(np.mean((p32 >= threshold) == (p8 >= threshold))),
+            "flagged_fp32": float(np.mean(p32 >= threshold)),
+            "flagged_int8": float(np.mean(p8 >= threshold)),
+            "max_abs_prob_change": float(np.max(np.abs(p8 - p32)))}
+
+
 def int8_cost(model, meta, crops: np.ndarray, labels: np.ndarray, calibration: Path,
               out_dir: Path, keep_float: tuple[str, ...] = ()) -> dict:
     """Quantise the checkpoint's ONNX graph to INT8 (Q/DQ) with crops from `calibration` and
     compare it with FP32 on these crops: AUC drop and decision agreement at the threshold."""
     from pel_model.export import export_onnx
-    from pel_model.quantize import int8_accuracy_cost, load_calibration_crops, quantize_int8
+    from pel_model.quantize import load_calibration_crops, quantize_int8
 
     fp32 = export_onnx(model, out_dir / "model.onnx")
     calib = load_calibration_crops(calibration, meta.model.input_size)
@@ -98,8 +126,7 @@ def int8_cost(model, meta, crops: np.ndarray, labels: np.ndarray, calibration: P
     log.info("INT8 vs FP32 on %d crops: AUC %.4f -> %.4f, decision agreement %.4f", cost["n"],
              cost["auc_fp32"], cost["auc_int8"], cost["decision_agreement"])
     return {**cost, "calibration": str(calibration), "calibration_crops": int(len(calib)),
-            "keep_float": list(keep_float),
-            "onnx_int8": str(int8)}
+            "keep_float": list(keep_float), "onnx_int8": str(int8)}
 
 
 def evaluate(checkpoint: Path, prepared: Path, out_dir: Path, split: str = "test",

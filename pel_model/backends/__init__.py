@@ -31,13 +31,13 @@ def _tensorrt_available() -> bool:
 
 def create_backend(model: PEL, kind: str = "auto", device: str | None = None,
                    precision: str = "fp32", onnx_path: str | Path | None = None, *,
-                   compile: str = "off", trt_profile: tuple[int, int, int] = (1, 16, 64),
+                   compile: str = "off", trt_profile: tuple[int, int, int] | None = None,
                    calibration_dir: str | Path | None = None,
                    int8_keep_float: tuple[str, ...] = ()) -> Backend:
     """Build a backend for `model`. `onnx_path` is where the ONNX export is cached (made if absent).
 
     `compile`: torch.compile mode of the PyTorch CUDA backend; `trt_profile`: TensorRT batch
-    (min, opt, max); `calibration_dir`: face crops for INT8 calibration; `int8_keep_float`:
+    (min, opt, max), default the TensorRT module's; `calibration_dir`: face crops for INT8 calibration; `int8_keep_float`:
     weight-name prefixes of layers an INT8 graph keeps in float.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,13 +48,13 @@ def create_backend(model: PEL, kind: str = "auto", device: str | None = None,
         else:
             kind = "onnxruntime"
     if kind == "tensorrt":
-        from .tensorrt_backend import TensorRTBackend  # optional extra
         from ..quantize import load_calibration_crops
+        from .tensorrt_backend import DEFAULT_PROFILE, TensorRTBackend  # optional extra
         try:
             calib = (load_calibration_crops(calibration_dir, model.cfg.input_size)
                      if precision == "int8" and calibration_dir is not None else None)
             backend: Backend = TensorRTBackend.from_model(model, onnx_path, device, precision,
-                                                          profile=tuple(trt_profile),
+                                                          profile=tuple(trt_profile or DEFAULT_PROFILE),
                                                           calibration_crops=calib,
                                                           keep_float=int8_keep_float)
         except (RuntimeError, ValueError) as exc:
@@ -88,9 +88,8 @@ def create_backend(model: PEL, kind: str = "auto", device: str | None = None,
 def _int8_graph(fp32_path: Path, input_size: int, calibration_dir: str | Path | None,
                 keep_float: tuple[str, ...] = ()) -> Path:
     """The Q/DQ INT8 graph beside the FP32 one, quantised on first use."""
-    from ..quantize import load_calibration_crops, quantize_int8
-
     from ..engine_cache import crops_sha256
+    from ..quantize import load_calibration_crops, quantize_int8
 
     if calibration_dir is None:
         raise ValueError("int8 needs calibration data: set calibration_dir to a folder of face "
