@@ -43,7 +43,8 @@ def app_args(model: dict, root: Path, redis_url: str, fps: float, art: Path) -> 
     cfg["redis"]["url"] = redis_url
     cfg["stream"]["sample_fps"] = fps
     cfg["urls"].update(allow_files=True, file_roots=[str(root)])
-    cfg["detector"].update(model=model, artifacts_dir=str(art))
+    # the architecture under test, untrained (speed does not depend on the weights)
+    cfg["detector"].update(checkpoint=None, model=model, artifacts_dir=str(art))
     return cfg
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .pel import PEL
+from .pel import PEL, resolve_config
 
 FORMAT_VERSION = 1
 _KEY = "pel"
@@ -55,8 +55,9 @@ class CheckpointMeta:
 
 def save_checkpoint(path: str | Path, model: PEL, meta: CheckpointMeta) -> Path:
     path = Path(path)
-    if meta.model != model.cfg:
+    if resolve_config(meta.model) != model.cfg:
         raise CheckpointError("metadata model config differs from the model's own config")
+    meta = replace(meta, model=model.cfg)  # with the normalisation the model really uses
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")

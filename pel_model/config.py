@@ -7,7 +7,7 @@ same fields as Ray Serve application arguments; `pel` sub-commands read the same
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -32,9 +32,12 @@ class ModelConfig(_Strict):
     mutual_stages: tuple[int, ...] = (1, 2, 3, 4, 5)
     attention_reduction: int = 16
     dropout: float = 0.2
-    # RGB stream normalisation (ImageNet statistics, matching the pretrained backbones).
-    rgb_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    rgb_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # RGB stream normalisation; null: the backbone's own pretrained configuration (ImageNet
+    # statistics for timm's EfficientNets, 0.5/0.5 for the Lite weights), resolved when the
+    # network is built and stored in its checkpoints.
+    rgb_mean: Optional[tuple[float, float, float]] = None
+    rgb_std: Optional[tuple[float, float, float]] = None
+    # ImageNet initialisation (see pel_model.weights: local file, installed package, timm hub).
     pretrained: bool = True
     backbone_weights: Optional[Path] = None
 
@@ -107,11 +110,18 @@ class StreamConfig(_Strict):
     open_timeout_s: float = Field(10.0, gt=0)
     read_timeout_s: float = Field(10.0, gt=0)
     stall_timeout_s: float = Field(15.0, gt=0)
-    max_reconnects: int = Field(5, ge=0)
+    # Live sources reconnect (with backoff) until no frame has come for this long...
+    reconnect_window_s: float = Field(300.0, gt=0)
+    # ...or, if set, after this many consecutive failed reconnects.
+    max_reconnects: Optional[int] = Field(None, ge=0)
     backoff_initial_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
     crops_per_request: int = Field(32, ge=1)
     top_frames: int = Field(3, ge=1)
+    # Scoring a clip: each request's timeout, and how long failed requests are retried (with
+    # backoff, while Serve restarts a replica) before the clip's verdict becomes `error`.
+    scoring_timeout_s: float = Field(120.0, gt=0)
+    scoring_retry_s: float = Field(60.0, ge=0)
 
 
 class UrlPolicyConfig(_Strict):
@@ -121,6 +131,9 @@ class UrlPolicyConfig(_Strict):
     allowed_schemes: tuple[str, ...] = ("http", "https", "rtmp", "rtsp", "hls")
     allowed_hosts: Optional[tuple[str, ...]] = None  # None: any public host; "*.x.com" subdomains
     allow_private_addresses: bool = False
+    # Networks reachable even though they are not public, e.g. ["10.20.0.0/16"] for a camera
+    # VLAN: everything else non-public stays refused (at every hop: redirects, segments).
+    allowed_networks: tuple[str, ...] = ()
     allow_files: bool = False
     file_roots: tuple[Path, ...] = ()
 
@@ -134,11 +147,27 @@ class UrlPolicyConfig(_Strict):
                              "rtsp, hls (local files: allow_files + file_roots)")
         return v
 
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for net in v:
+            ipaddress.ip_network(net, strict=False)  # ValueError names the bad entry
+        return v
+
+
+# The trained default model shipped in the repository (models/README.md is its model card).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "pel-lite0-224.safetensors"
+
 
 class DetectorConfig(_Strict):
-    """The Ray Serve deployment running the PEL network."""
+    """The Ray Serve deployment running the PEL network.
 
-    checkpoint: Optional[Path] = None
+    `checkpoint` defaults to the shipped model; `null` runs the untrained network of `model`
+    (its verdicts are labelled `untrained`, never `real`/`fake`)."""
+
+    checkpoint: Optional[Path] = DEFAULT_CHECKPOINT
     model: ModelConfig = ModelConfig()
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
@@ -193,8 +222,34 @@ class AppConfig(_Strict):
     metrics: MetricsConfig = MetricsConfig()
 
 
+class DataSource(_Strict):
+    """One dataset copy for `pel prepare` (an adapter of `training.datasets`)."""
+
+    dataset: str  # adapter name: ffpp, wilddeepfake, celebdf, dfd, dfdc, folder, images, csv
+    root: Path  # its folder (the CSV file for `csv`)
+    name: Optional[str] = None  # tag in the index and in per-dataset reports (default: dataset)
+    options: dict[str, Any] = {}  # adapter options, e.g. {val_fraction: 0.0, test_fraction: 0.2}
+
+
+class AugmentConfig(_Strict):
+    """Training augmentation (`training.augment`): per-crop probabilities of each transform,
+    applied to real and fake crops alike, in the order listed. They mimic what streams do to
+    faces: encoders, scalers, noisy sensors, lighting, detector jitter."""
+
+    flip: float = Field(0.5, ge=0, le=1)
+    shift_scale: float = Field(0.3, ge=0, le=1)  # small crops and shifts (detector jitter)
+    colour: float = Field(0.3, ge=0, le=1)  # brightness, contrast, saturation, hue
+    rescale: float = Field(0.2, ge=0, le=1)  # down (0.3-0.9) and back up
+    blur: float = Field(0.15, ge=0, le=1)  # Gaussian, sigma 0.3-2
+    gaussian_noise: float = Field(0.15, ge=0, le=1)  # std 2-15 (0-255 scale)
+    impulse_noise: float = Field(0.1, ge=0, le=1)  # salt-and-pepper, 0.2-2 % of pixels
+    jpeg: float = Field(0.3, ge=0, le=1)  # quality 30-95
+    h264: float = Field(0.1, ge=0, le=1)  # one frame through libx264, CRF 20-40
+
+
 class TrainConfig(_Strict):
-    """The paper's recipe by default (Adam, lr 2e-4, weight decay 1e-5, batch 32, BCE)."""
+    """The paper's recipe by default (Adam, lr 2e-4, weight decay 1e-5, batch 32, BCE); the
+    recipes in `configs/` set the rest (ImageNet init, real fakes plus self-blending, schedule)."""
 
     model: ModelConfig = ModelConfig()
     faces: FaceConfig = FaceConfig()
@@ -202,13 +257,30 @@ class TrainConfig(_Strict):
     batch_size: int = Field(32, ge=2)
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: over all planned steps
+    warmup_steps: int = Field(0, ge=0)
+    # Stem and this many leading backbone stages of both streams stay frozen (BatchNorm
+    # statistics too): the cheapest layers to keep, the most expensive to train on a CPU.
+    frozen_stages: int = Field(0, ge=0)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     mixed_precision: bool = True
     steps_per_epoch: Optional[int] = Field(None, ge=1)
+    # Fakes of a batch: the dataset's ("off"), self-blended from its real crops ("only"), or
+    # both ("mix": a `sbi_fraction` share self-blended).
     self_blended: Literal["off", "mix", "only"] = "off"
+    sbi_fraction: float = Field(0.5, ge=0, le=1)
     seed: int = 0
-    # Data preparation (`pel prepare`): frames sampled evenly per video, crop cache format.
+    # Stop after this much training time (checked every step; the run then validates and
+    # checkpoints as at an epoch's end), or when val AUC has not improved for `patience` epochs.
+    max_minutes: Optional[float] = Field(None, gt=0)
+    early_stopping_patience: Optional[int] = Field(None, ge=1)
+    log_every_steps: int = Field(20, ge=1)
+    # Data preparation (`pel prepare`): the datasets, frames sampled evenly per video, crop cache
+    # format, and whether the inputs already are face crops (see training.prepare).
+    sources: tuple[DataSource, ...] = ()
+    face_crops: bool = False
     frames_per_video: int = Field(50, ge=1)
     crop_format: Literal["png", "jpg", "npz"] = "png"
     # Ray Train run: `storage_path/run_name` holds Ray's checkpoints; re-running resumes.
@@ -218,6 +290,7 @@ class TrainConfig(_Strict):
     max_failures: int = Field(0, ge=-1)
     cpus_per_worker: float = Field(1.0, gt=0)
     augment: bool = True
+    augmentation: AugmentConfig = AugmentConfig()
     loader_threads: int = Field(2, ge=1)
     eval_batch_size: int = Field(64, ge=1)
     # Calibration: decision threshold at this false-positive rate on real faces.

@@ -16,6 +16,7 @@ dropout, one logit (trained with binary cross-entropy; `sigmoid(logit)` is the f
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import timm
 import torch
@@ -24,26 +25,27 @@ from torch import nn
 from .config import ModelConfig
 from .layers import ChannelAttention, FrequencyInput, MutualEnhancement, NoiseEnhancement
 from .preprocess import normalize, validate_crops
+from .weights import BackboneWeights, load_strict, pretrained_normalization, resolve_backbone_weights
 
 log = logging.getLogger(__name__)
 
 
-def _backbone(cfg: ModelConfig, load_pretrained: bool) -> nn.Module:
-    net = None
-    if load_pretrained and cfg.backbone_weights is not None:
-        net = timm.create_model(cfg.backbone, pretrained=True, num_classes=0,
-                                pretrained_cfg_overlay={"file": str(cfg.backbone_weights)})
-    elif load_pretrained and cfg.pretrained:
-        try:
-            net = timm.create_model(cfg.backbone, pretrained=True, num_classes=0)
-        except Exception as exc:  # offline, hub unreachable, no weights published
-            log.warning("ImageNet weights for %s unavailable (%s): random initialisation",
-                        cfg.backbone, exc)
-    if net is None:
-        net = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
+def _backbone(cfg: ModelConfig, weights: Optional[BackboneWeights]) -> nn.Module:
+    net = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
     if not hasattr(net, "blocks") or not hasattr(net, "conv_stem"):
         raise ValueError(f"backbone {cfg.backbone!r} is not an EfficientNet-style timm model")
+    if weights is not None:
+        load_strict(net, weights.state, f"{cfg.backbone} weights from {weights.source}")
     return net
+
+
+def resolve_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with the RGB normalisation filled in from the backbone's pretrained configuration
+    (kept where given), so a checkpoint always records the values it was trained with."""
+    if cfg.rgb_mean is not None and cfg.rgb_std is not None:
+        return cfg
+    mean, std = pretrained_normalization(cfg.backbone)
+    return cfg.model_copy(update={"rgb_mean": cfg.rgb_mean or mean, "rgb_std": cfg.rgb_std or std})
 
 
 def _stage_channels(net: nn.Module) -> list[int]:
@@ -56,9 +58,17 @@ class PEL(nn.Module):
 
     def __init__(self, cfg: ModelConfig = ModelConfig(), load_pretrained: bool = True):
         super().__init__()
-        self.cfg = cfg
-        self.rgb = _backbone(cfg, load_pretrained)
-        self.freq = _backbone(cfg, load_pretrained)
+        self.cfg = cfg = resolve_config(cfg)
+        weights = None
+        if load_pretrained and (cfg.pretrained or cfg.backbone_weights is not None):
+            weights = resolve_backbone_weights(cfg.backbone, cfg.backbone_weights)
+        # "file:...", "package:...", "hub:..." or "random" (what training started from)
+        self.weights_source = weights.source if weights is not None else "random"
+        # Both streams start from the same ImageNet weights where shapes allow: every stage
+        # and the head (pretrained filters train faster than random ones, whatever the input);
+        # the frequency stream's stem takes 64 DCT channels, so it is new.
+        self.rgb = _backbone(cfg, weights)
+        self.freq = _backbone(cfg, weights)
         stem = self.rgb.conv_stem
         self.freq_input = FrequencyInput(cfg.dct_channels)
         self.freq.conv_stem = nn.Conv2d(cfg.dct_channels, stem.out_channels, stem.kernel_size,

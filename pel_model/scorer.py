@@ -17,8 +17,8 @@ import timm
 import torch
 
 from .backends import Backend, create_backend
-from .checkpoint import CheckpointMeta, file_digest, load_checkpoint
-from .config import DetectorConfig
+from .checkpoint import CheckpointMeta, file_digest, load_checkpoint, read_meta
+from .config import DEFAULT_CHECKPOINT, DetectorConfig
 from .pel import PEL
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,19 @@ def onnx_artifact(cfg: DetectorConfig, checkpoint_digest: str | None = None) -> 
 def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
     """Load the configured checkpoint (or an untrained model, loudly) on the best backend."""
     if cfg.checkpoint is not None:
-        model, meta = load_checkpoint(cfg.checkpoint)  # a clear error when it is missing
+        if Path(cfg.checkpoint) == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.is_file():
+            raise FileNotFoundError(
+                f"the default model {DEFAULT_CHECKPOINT} is not part of this installation: it "
+                "ships in the repository (install from a clone: pip install -e .), or set "
+                "detector.checkpoint to a trained checkpoint (or null for the untrained network)")
+        meta = read_meta(cfg.checkpoint)  # a clear error when it is missing
+        path = cfg.checkpoint
+        model = lambda: load_checkpoint(path)[0]  # noqa: E731  (built only if a backend needs it)
         tag = file_digest(cfg.checkpoint)
     else:
         torch.manual_seed(0)  # deterministic random weights
         model = PEL(cfg.model, load_pretrained=False)
-        meta, tag = CheckpointMeta(model=cfg.model), "untrained"
+        meta, tag = CheckpointMeta(model=model.cfg), "untrained"
     onnx_path = onnx_artifact(cfg, tag if cfg.checkpoint is not None else None)
     warnings = []
     if not meta.trained:
@@ -76,7 +83,8 @@ def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
     backend = create_backend(model, cfg.backend, device, cfg.precision, onnx_path,
                              compile=cfg.compile, trt_profile=cfg.tensorrt_profile,
                              calibration_dir=cfg.calibration_dir,
-                             int8_keep_float=cfg.int8_keep_float)
+                             int8_keep_float=cfg.int8_keep_float,
+                             input_size=meta.model.input_size)
     threshold = cfg.threshold if cfg.threshold is not None else meta.threshold
     m = meta.model
     model_id = f"pel-{m.backbone}-{m.input_size}@{tag}+{backend.describe()}"  # a metrics label: no "/"

@@ -59,7 +59,7 @@ def test_torch_cuda_backend_matches_cpu(model, precision, atol):
     np.testing.assert_allclose(got, ref, atol=atol)
 
 
-def test_scorer_applies_checkpoint_calibration(model, tmp_path):
+def test_scorer_applies_checkpoint_calibration(model, tmp_path, monkeypatch):
     meta = CheckpointMeta(model=SMALL, temperature=2.0, threshold=0.3, trained=True, calibrated=True)
     ckpt = save_checkpoint(tmp_path / "m.safetensors", model, meta)
     scorer = load_scorer(DetectorConfig(checkpoint=ckpt, artifacts_dir=tmp_path / "art"), device="cpu")
@@ -70,9 +70,19 @@ def test_scorer_applies_checkpoint_calibration(model, tmp_path):
     assert scorer.model_id.startswith("pel-efficientnet_b0-224@") and "onnxruntime" in scorer.model_id
     assert list((tmp_path / "art").glob("*.onnx"))  # the export is cached beside the checkpoint's hash
 
+    # A replica start with the export cached never builds the PyTorch network (memory, time).
+    import pel_model.scorer as scorer_module
+
+    def no_torch_model(*a, **k):
+        raise AssertionError("the PyTorch network was built although the ONNX export is cached")
+
+    monkeypatch.setattr(scorer_module, "load_checkpoint", no_torch_model)
+    again = load_scorer(DetectorConfig(checkpoint=ckpt, artifacts_dir=tmp_path / "art"), device="cpu")
+    np.testing.assert_allclose(again.probabilities(crops), scorer.probabilities(crops), atol=1e-6)
+
 
 def test_untrained_model_warns_loudly(tmp_path, caplog):
-    cfg = DetectorConfig(model=SMALL, backend="torch", artifacts_dir=tmp_path)
+    cfg = DetectorConfig(checkpoint=None, model=SMALL, backend="torch", artifacts_dir=tmp_path)
     scorer = load_scorer(cfg, device="cpu")
     assert any("never trained" in w for w in scorer.warnings)
     assert "never trained" in caplog.text and "@untrained+" in scorer.model_id

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from skimage import data
 
 from pel_model.config import FaceConfig
-from pel_model.faces import CenterFace, Face, FaceDetector, crop_face, extract_faces, make_detector, square_box
+from pel_model.faces import extract_faces_counted, CenterFace, Face, FaceDetector, crop_face, extract_faces, make_detector, square_box
 
 # Where the astronaut's face is in skimage.data.astronaut() (512x512), checked by eye on the
 # drawn box in /tmp/faces_check.png: forehead/hairline to chin, ear to ear.
@@ -119,8 +119,10 @@ def test_max_faces_per_frame_and_order(patch):
     assert centres == [(r, c) for r in range(2) for c in range(3)]  # one face per tile
     scores = [f.score for f in all_faces]
     assert scores == sorted(scores, reverse=True)
-    top = CenterFace(FaceConfig(max_faces_per_frame=4)).detect(tiled)
-    assert [f.as_list() for f in top] == [f.as_list() for f in all_faces[:4]]
+    cfg = FaceConfig(max_faces_per_frame=4)
+    kept, skipped = extract_faces_counted(tiled, CenterFace(cfg), cfg, 32)
+    assert [f.as_list() for f, _ in kept] == [f.as_list() for f in all_faces[:4]]
+    assert skipped == 2  # counted, so the verdict can say the frame was not scored in full
 
 
 def test_min_face_px_drops_small_faces(astronaut):
@@ -180,14 +182,20 @@ def test_crop_geometry_inside_frame():
     assert square_box(tall, 0.0, frame.shape) == (30, 20, 70, 60)
 
 
-def test_crop_pads_outside_with_black():
+def test_crop_mirrors_the_frame_outside_its_edges():
     frame = _ramp()
     top_left = crop_face(frame, Face(0, 0, 20, 20, 0.9), 40, 1.0)  # box (-10, -10, 30, 30)
-    assert not top_left[:10].any() and not top_left[:, :10].any()
     np.testing.assert_array_equal(top_left[10:, 10:], frame[0:30, 0:30])
+    # row -k is row k, column -k is column k (reflection about the edge pixel)
+    np.testing.assert_array_equal(top_left[:10, 10:], frame[10:0:-1, 0:30])
+    np.testing.assert_array_equal(top_left[10:, :10], frame[0:30, 10:0:-1])
     bottom_right = crop_face(frame, Face(100, 80, 120, 100, 0.9), 40, 1.0)  # box (90, 70, 130, 110)
-    assert not bottom_right[30:].any() and not bottom_right[:, 30:].any()
     np.testing.assert_array_equal(bottom_right[:30, :30], frame[70:100, 90:120])
+    np.testing.assert_array_equal(bottom_right[30:, :30], frame[98:88:-1, 90:120])
+    assert bottom_right.min() > 0  # no black bars: the ramp's B channel is 7 everywhere
+    # a square much larger than the frame still fills without zeros
+    huge = crop_face(frame[:5, :5], Face(0, 0, 5, 5, 0.9), 64, 2.0)
+    assert huge.shape == (64, 64, 3) and (huge[..., 2] == 7).all()
 
 
 def test_crop_resize_is_exact_size_and_deterministic():
@@ -196,8 +204,7 @@ def test_crop_resize_is_exact_size_and_deterministic():
     crop = crop_face(frame, face, 64, 1.0)
     assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
     np.testing.assert_array_equal(crop, crop_face(frame, face, 64, 1.0))
-    assert not crop[:14, :].any() and not crop[:, :14].any()  # padding stays black
-    assert (crop[18:, 18:] == 200).all()  # frame content keeps its value
+    assert (crop == 200).all()  # the mirrored border keeps the frame's values
     small = crop_face(frame, Face(30, 30, 90, 90, 0.9), 16, 0.2)
     assert small.shape == (16, 16, 3) and (small == 200).all()
 

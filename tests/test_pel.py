@@ -1,4 +1,6 @@
 """The PEL network: placement, shapes, training signal, input contract, checkpoints."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -95,7 +97,8 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
                           calibrated=True, provenance={"data": "unit-test"})
     path = save_checkpoint(tmp_path / "m.safetensors", model, meta)
     loaded, meta2 = load_checkpoint(path)
-    assert meta2 == meta and read_meta(path).threshold == 0.42
+    assert meta2 == replace(meta, model=model.cfg) and read_meta(path).threshold == 0.42
+    assert meta2.model.rgb_mean == (0.485, 0.456, 0.406)  # resolved from the backbone, stored
     x = torch.from_numpy(face_batch(3, 224))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

@@ -17,7 +17,7 @@ from media import (astronaut, corrupt_copy, free_port, make_face_video, make_hls
                    serve_directory, stop_process)
 from pel_model.checkpoint import CheckpointMeta, save_checkpoint
 from workers.app import build_app
-from workers.cli import DEFAULT_CONFIG, load_config
+from workers.cli import DEFAULT_CONFIG, FINAL_STATES, load_config
 from workers.queue import JobQueue
 from workers.verdicts import VerdictStore
 
@@ -39,7 +39,10 @@ def media(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(ray_cluster, redis_url, media, tmp_path_factory):
     art = tmp_path_factory.mktemp("artifacts")
-    ckpt = save_checkpoint(art / "small.safetensors", small_model(), CheckpointMeta(model=SMALL))
+    # a random network marked trained: these tests are about the plumbing, and real/fake
+    # labels are what a trained model's verdicts carry (untrained ones say "untrained")
+    ckpt = save_checkpoint(art / "small.safetensors", small_model(),
+                           CheckpointMeta(model=SMALL, trained=True))
     base = load_config(DEFAULT_CONFIG).model_dump(mode="json")
     base["redis"].update(url=redis_url, prefix="e2e")
     base["intake"].update(lease_seconds=3.0, max_attempts=2, stream_workers=2,
@@ -65,7 +68,7 @@ def wait_jobs(queue: JobQueue, ids: list[str], timeout: float = 240.0) -> dict[s
     deadline = time.time() + timeout
     while time.time() < deadline:
         states = {i: queue.state(i) or {} for i in ids}
-        if all(s.get("state") in ("done", "failed") for s in states.values()):
+        if all(s.get("state") in FINAL_STATES for s in states.values()):
             return states
         time.sleep(0.5)
     raise AssertionError(f"jobs did not finish: {json.dumps(states, default=str)[:2000]}")

@@ -63,6 +63,21 @@ def threshold_for_fpr(real_probs: np.ndarray, target_fpr: float) -> float:
     return float(np.clip(t, 1e-6, 1 - 1e-6))
 
 
+def squashed_scores_warning(probs: np.ndarray, temperature: float, max_t: float = 4.0,
+                            min_spread: float = 0.2) -> list[str]:
+    """Warnings when calibration squeezes the scores into a narrow band (a weak model: a large
+    T flattens every logit): the threshold then sits on a steep slope and small score shifts
+    between the calibration data and the stream change many decisions."""
+    lo, hi = np.quantile(probs, [0.05, 0.95])
+    out = []
+    if temperature > max_t or hi - lo < min_spread:
+        out.append(f"calibrated scores are squeezed into a narrow band (T={temperature:.2f}, "
+                   f"90 % of probabilities in [{lo:.3f}, {hi:.3f}]): the model separates the "
+                   "classes weakly, and the threshold's false-positive rate will not hold on "
+                   "other data; train longer or on more data before serving it")
+    return out
+
+
 @dataclass
 class Calibration:
     checkpoint: Path
@@ -73,6 +88,7 @@ class Calibration:
     ece_after: float
     metrics: dict
     diagram: Path
+    warnings: list[str]
 
 
 def calibrate(checkpoint: Path, prepared: Path, split: str = "val", target_fpr: float = 0.01,
@@ -95,6 +111,9 @@ def calibrate(checkpoint: Path, prepared: Path, split: str = "val", target_fpr: 
     temperature = fit_temperature(logits, labels)
     before, after = sigmoid(logits), sigmoid(logits / temperature)
     threshold = threshold_for_fpr(after[labels == 0], target_fpr)
+    warnings = squashed_scores_warning(after, temperature)
+    for w in warnings:
+        log.warning("%s", w)
     ece_before = expected_calibration_error(labels, before)
     ece_after = expected_calibration_error(labels, after)
     metrics = binary_metrics(labels, after, threshold)
@@ -103,13 +122,13 @@ def calibrate(checkpoint: Path, prepared: Path, split: str = "val", target_fpr: 
     provenance["calibration"] = {
         "prepared": str(prepared), "split": split, "n": int(labels.size), "n_real": n_real,
         "target_fpr": target_fpr, "ece_before": ece_before, "ece_after": ece_after,
-        "metrics_at_threshold": metrics}
+        "metrics_at_threshold": metrics, "warnings": warnings}
     new_meta = replace(meta, temperature=temperature, threshold=threshold, calibrated=True,
                        provenance=provenance)
     save_checkpoint(output, model, new_meta)
     diagram = reliability_diagram(labels, before, after, output.with_suffix(".reliability.png"))
     result = Calibration(output, temperature, threshold, target_fpr, ece_before, ece_after,
-                         metrics, diagram)
+                         metrics, diagram, warnings)
     log.info("calibrated %s: %s", output, json.dumps({"T": temperature, "threshold": threshold,
                                                       "ece_before": ece_before, "ece_after": ece_after}))
     return result

@@ -45,30 +45,51 @@ def _model_overrides(args) -> dict:
     return d
 
 
+def _sources(cfg: TrainConfig, args) -> tuple[list, str]:
+    """The sources to prepare: `--dataset/--root` (one dataset, CLI options) or the config's
+    `sources` list; and the manifest's dataset name."""
+    from .datasets import combine, load_sources
+
+    if args.dataset or args.root:
+        if not (args.dataset and args.root):
+            raise ValueError("--dataset and --root go together (or list `sources` in --config)")
+        options: dict[str, Any] = {}
+        if args.dataset in ("ffpp", "dfd") and args.compression:
+            options["compression"] = args.compression
+        if args.dataset == "ffpp" and args.methods:
+            options["methods"] = args.methods.split(",")
+        if args.dataset == "ffpp" and args.splits:
+            options["splits_dir"] = Path(args.splits)
+        if args.val_fraction is not None:
+            options["val_fraction"] = args.val_fraction
+        if args.dev_fraction is not None:
+            if args.dataset != "csv":
+                raise ValueError("--dev-fraction applies to --dataset csv")
+            options["dev_fraction"] = args.dev_fraction
+        return load_sources(args.dataset, Path(args.root), **options), args.dataset
+    if not cfg.sources:
+        raise ValueError("give --dataset and --root, or a --config with a `sources` list")
+    parts = [load_sources(s.dataset, s.root, s.name, **s.options) for s in cfg.sources]
+    return combine(parts), "+".join(s.name or s.dataset for s in cfg.sources)
+
+
 def _prepare(args) -> int:
-    from .datasets import load_sources
     from .prepare import prepare, summary_json
 
     cfg = load_train_config(args.config, frames_per_video=args.frames, crop_format=args.format,
+                            face_crops=True if args.face_crops else None,
                             model=_model_overrides(args))
-    options: dict[str, Any] = {}
-    if args.dataset in ("ffpp", "dfd") and args.compression:
-        options["compression"] = args.compression
-    if args.dataset == "ffpp" and args.methods:
-        options["methods"] = args.methods.split(",")
-    if args.dataset == "ffpp" and args.splits:
-        options["splits_dir"] = Path(args.splits)
-    if args.val_fraction is not None:
-        options["val_fraction"] = args.val_fraction
-    sources = load_sources(args.dataset, Path(args.root), **options)
+    sources, dataset = _sources(cfg, args)
     use_ray = not args.no_ray
     if use_ray:
         import ray
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        from .train import join_options
+
         if not ray.is_initialized():
-            ray.init(address=args.address)
-    summary = prepare(sources, Path(args.out), cfg, use_ray=use_ray, dataset=args.dataset,
+            ray.init(address=args.address, **join_options(args.address))
+    summary = prepare(sources, Path(args.out), cfg, use_ray=use_ray, dataset=dataset,
                       allow_failures=args.allow_failures)
     print(summary_json(summary))
     return 0
@@ -98,19 +119,24 @@ def _calibrate(args) -> int:
     print(json.dumps({"checkpoint": str(r.checkpoint), "temperature": r.temperature,
                       "threshold": r.threshold, "target_fpr": r.target_fpr,
                       "ece_before": r.ece_before, "ece_after": r.ece_after,
-                      "reliability_png": str(r.diagram), "metrics": r.metrics}))
+                      "reliability_png": str(r.diagram), "metrics": r.metrics,
+                      "warnings": r.warnings}))
     return 0
 
 
 def _evaluate(args) -> int:
     from .evaluate import evaluate, parse_perturbations
 
-    cfg = load_train_config(args.config)
-    out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + "-eval")
-    report = evaluate(Path(args.checkpoint), Path(args.data), out, args.split,
+    cfg = load_train_config(args.config, model=_model_overrides(args))
+    untrained = args.checkpoint == "untrained"
+    out = Path(args.out or ("untrained-eval" if untrained else
+                            Path(args.checkpoint).with_suffix("").as_posix() + "-eval"))
+    report = evaluate(None if untrained else Path(args.checkpoint), Path(args.data), out, args.split,
                       parse_perturbations(args.robustness), cfg.eval_batch_size, cfg.seed, args.device,
-                      int8_calibration=args.int8_calibration, int8_keep_float=args.int8_keep_float)
+                      int8_calibration=args.int8_calibration, int8_keep_float=args.int8_keep_float,
+                      model_cfg=cfg.model)
     print(json.dumps({"report": str(out / "report.json"), "clean": report["clean"],
+                      "by_dataset": report["by_dataset"], "scores_csv": report["scores_csv"],
                       "robustness_delta": {k: v["delta"] for k, v in report["robustness"].items()},
                       **({"int8": report["int8"]} if "int8" in report else {})}))
     return 0
@@ -131,8 +157,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="sample frames, crop faces and cache them with an index")
     _common(p)
     _model_flags(p)
-    p.add_argument("--dataset", required=True, choices=sorted(ADAPTERS))
-    p.add_argument("--root", required=True, help="dataset folder (CSV file for --dataset csv)")
+    p.add_argument("--dataset", choices=sorted(ADAPTERS),
+                   help="dataset adapter (or list several under `sources` in --config)")
+    p.add_argument("--root", help="dataset folder (CSV file for --dataset csv)")
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
     p.add_argument("--frames", type=int, help="frames sampled per video (default 50)")
     p.add_argument("--format", choices=["png", "jpg", "npz"])
@@ -140,6 +167,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", help="FF++ manipulation methods, comma separated (default all four)")
     p.add_argument("--splits", help="FF++ folder with train/val/test.json (default <root>/splits)")
     p.add_argument("--val-fraction", type=float, help="for datasets without a validation split")
+    p.add_argument("--dev-fraction", type=float,
+                   help="csv: carve val out of train by group, the CSV's own val becomes test")
+    p.add_argument("--face-crops", action="store_true",
+                   help="inputs already are face crops: pad before detection, fall back to the "
+                        "whole image as the face (no input dropped)")
     p.add_argument("--no-ray", action="store_true", help="run in this process instead of Ray tasks")
     p.add_argument("--address", help="Ray cluster address (default: start or join a local one)")
     p.add_argument("--allow-failures", action="store_true",
@@ -176,7 +208,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="Acc/AUC/EER at frame and video level, robustness")
     _common(p)
-    p.add_argument("checkpoint")
+    _model_flags(p)
+    p.add_argument("checkpoint", help="checkpoint file, or `untrained` for the network the service "
+                                      "runs without one (a chance baseline; --backbone/--size)")
     p.add_argument("--data", required=True, help="prepared folder (any dataset: cross-dataset)")
     p.add_argument("--split", default="test")
     p.add_argument("--robustness", default="all",

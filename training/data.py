@@ -1,22 +1,24 @@
 """Prepared crops -> balanced training batches and evaluation arrays.
 
 Batches are half real, half fake. Fakes come from the dataset (`self_blended="off"`), from
-self-blending the batch's real crops (`"only"`: no fake data is read at all), or half each
-(`"mix"`). Augmentation (horizontal flip, JPEG re-compression, brightness/contrast) is applied to
-real and fake crops alike, so it cannot become a label cue. All randomness comes from a generator
+self-blending real crops (`"only"`: no fake data is read at all), or both (`"mix"`: a
+`sbi_fraction` share self-blended in expectation). Augmentation (`training.augment`) is applied
+to real and fake crops alike, so it cannot become a label cue. All randomness comes from a generator
 seeded by (seed, epoch, step, worker rank): a run is reproducible and workers draw different data.
 """
 from __future__ import annotations
 
-import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image
 
+from pel_model.config import AugmentConfig
+
+from .augment import augment
 from .prepare import INDEX
 from .sbi import self_blend
 
@@ -53,20 +55,6 @@ def load_crops(prepared: Path, rows: list[dict], threads: int = 2) -> np.ndarray
         return np.stack(list(pool.map(lambda r: load_crop(prepared, r), rows)))
 
 
-def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    if rng.random() < 0.5:
-        img = img[:, ::-1]
-    pil = Image.fromarray(np.ascontiguousarray(img))
-    if rng.random() < 0.3:
-        pil = ImageEnhance.Brightness(pil).enhance(rng.uniform(0.85, 1.15))
-        pil = ImageEnhance.Contrast(pil).enhance(rng.uniform(0.85, 1.15))
-    if rng.random() < 0.3:
-        buf = io.BytesIO()
-        pil.save(buf, format="JPEG", quality=int(rng.integers(60, 101)))
-        pil = Image.open(io.BytesIO(buf.getvalue()))
-    return np.ascontiguousarray(np.asarray(pil.convert("RGB")))
-
-
 def sbi_fake(crop: np.ndarray, row: dict, rng: np.random.Generator, margin: float) -> np.ndarray:
     return self_blend(crop, rng, row.get("landmarks"), margin).image
 
@@ -75,11 +63,13 @@ class BalancedBatches:
     """Endless source of (uint8 crops (B, S, S, 3), float labels (B,)) with B/2 real, B/2 fake."""
 
     def __init__(self, prepared: Path, rows: list[dict], mode: str, batch_size: int, seed: int,
-                 rank: int = 0, augment: bool = True, margin: float = 0.3, threads: int = 2):
+                 rank: int = 0, augmentation: Optional[AugmentConfig] = AugmentConfig(),
+                 margin: float = 0.3, threads: int = 2, sbi_fraction: float = 0.5):
         if batch_size % 2:
             raise ValueError("batch size must be even")
         self.prepared, self.mode, self.batch = Path(prepared), mode, batch_size
-        self.seed, self.rank, self.augment, self.margin, self.threads = seed, rank, augment, margin, threads
+        self.seed, self.rank, self.augmentation = seed, rank, augmentation
+        self.margin, self.threads, self.sbi_fraction = margin, threads, sbi_fraction
         self.real = [r for r in rows if r["label"] == 0]
         self.fake = [r for r in rows if r["label"] == 1]
         if not self.real:
@@ -95,15 +85,15 @@ class BalancedBatches:
     def make(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         half = self.batch // 2
         real_rows = [self.real[i] for i in rng.integers(0, len(self.real), half)]
-        n_sbi = {"off": 0, "only": half, "mix": int(rng.binomial(half, 0.5))}[self.mode]
+        n_sbi = {"off": 0, "only": half, "mix": int(rng.binomial(half, self.sbi_fraction))}[self.mode]
         fake_rows = [self.fake[i] for i in rng.integers(0, len(self.fake), half - n_sbi)] if n_sbi < half else []
         sbi_rows = [self.real[i] for i in rng.integers(0, len(self.real), n_sbi)]
         crops = load_crops(self.prepared, real_rows + fake_rows + sbi_rows, self.threads)
         fakes = [sbi_fake(c, r, rng, self.margin) for c, r in zip(crops[2 * half - n_sbi:], sbi_rows)]
         if fakes:
             crops[2 * half - n_sbi:] = np.stack(fakes)
-        if self.augment:
-            crops = np.stack([augment(c, rng) for c in crops])
+        if self.augmentation is not None:
+            crops = np.stack([augment(c, rng, self.augmentation) for c in crops])
         labels = np.r_[np.zeros(half), np.ones(half)].astype(np.float32)
         return crops, labels
 

@@ -15,7 +15,7 @@ import json
 import math
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Optional
 
@@ -48,6 +48,7 @@ class Source:
     kind: Literal["video", "frames", "image"] = "video"
     method: str = ""  # e.g. "youtube", "Deepfakes", "real_train"
     frames: tuple[str, ...] = ()  # for kind="frames": archive members in frame order
+    dataset: str = ""  # which dataset it came from (set by `load_sources`; reports break down by it)
 
 
 def hash_fraction(key: str) -> float:
@@ -368,20 +369,32 @@ def images(root: Path, val_fraction: float = 0.1, test_fraction: float = 0.1) ->
                                 "image", "real") for p in _media(root)])
 
 
-def csv_list(path: Path, val_fraction: float = 0.1, test_fraction: float = 0.1) -> list[Source]:
-    """A CSV with header `path,label[,split]`; label real/fake or 0/1; relative paths are relative
-    to the CSV's folder; without a split column files are hash-split."""
+def csv_list(path: Path, val_fraction: float = 0.1, test_fraction: float = 0.1,
+             dev_fraction: float = 0.0) -> list[Source]:
+    """A CSV with header `path,label[,split][,group]`; label real/fake or 0/1; relative paths
+    are relative to the CSV's folder. `group` (e.g. the source video of a fake) keeps related
+    files in one split: rows without a split are hash-split by group (else by path).
+
+    `dev_fraction` > 0 carves a validation split out of the CSV's train rows (by group hash) and
+    turns the CSV's own val rows into test: early stopping and calibration then never see the
+    published validation set, which stays a held-out measurement."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError("missing CSV file", [path])
+    if not 0.0 <= dev_fraction < 1.0:
+        raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
     sources, bad = [], []
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise DatasetError("CSV needs a header with path,label[,split]", [path])
+            raise DatasetError("CSV needs a header with path,label[,split][,group]", [path])
         for i, row in enumerate(reader, 2):
             label = {"real": 0, "0": 0, "fake": 1, "1": 1}.get(str(row["label"]).strip().lower())
-            split = (row.get("split") or "").strip() or hash_split(row["path"], val_fraction, test_fraction)
+            key = (row.get("group") or "").strip() or row["path"]
+            split = (row.get("split") or "").strip() or hash_split(key, val_fraction, test_fraction)
+            if dev_fraction and split in ("train", "val"):
+                split = ("val" if hash_fraction("dev|" + key) < dev_fraction else "train") \
+                    if split == "train" else "test"
             media = path.parent / row["path"]
             if label is None or split not in SPLITS or not _kind(media):
                 bad.append(f"{path}:{i}: {row}")
@@ -399,8 +412,15 @@ ADAPTERS: dict[str, Callable[..., list[Source]]] = {
 }
 
 
-def load_sources(dataset: str, root: Path, **options) -> list[Source]:
-    """Sources of `dataset` (one of `ADAPTERS`) at `root`; `options` go to the adapter."""
+def load_sources(dataset: str, root: Path, name: Optional[str] = None, **options) -> list[Source]:
+    """Sources of `dataset` (one of `ADAPTERS`) at `root`, tagged `name` (default: the adapter's
+    name); `options` go to the adapter."""
     if dataset not in ADAPTERS:
         raise ValueError(f"unknown dataset {dataset!r}: use one of {sorted(ADAPTERS)}")
-    return ADAPTERS[dataset](Path(root), **options)
+    tag = name or dataset
+    return [replace(s, dataset=tag) for s in ADAPTERS[dataset](Path(root), **options)]
+
+
+def combine(parts: list[list[Source]]) -> list[Source]:
+    """Sources of several datasets prepared together (ids must stay unique)."""
+    return _check_files([s for part in parts for s in part])

@@ -11,51 +11,47 @@ INT8 (Q/DQ) graph costs against FP32 on the same crops (`report["int8"]`).
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageFilter
 
-from pel_model.checkpoint import load_checkpoint
+import torch
 
+from pel_model.checkpoint import CheckpointMeta, load_checkpoint
+from pel_model.config import ModelConfig
+from pel_model.pel import PEL
+
+from . import augment as A
 from .data import eval_arrays, manifest, read_index
-from .metrics import auc, binary_metrics, video_level
+from .metrics import auc, binary_metrics, expected_calibration_error, video_level
 from .plots import roc_plot, score_histogram
 from .scoring import predict_logits, sigmoid
 
 log = logging.getLogger(__name__)
 
 # name -> default strength: noise std (0-255 scale), corrupted pixel fraction, blur sigma (px),
-# JPEG quality.
+# JPEG quality, downscale factor (down and back up), H.264 CRF.
 PERTURBATIONS: dict[str, float] = {"gaussian_noise": 10.0, "salt_pepper": 0.01,
-                                   "gaussian_blur": 1.5, "jpeg": 50.0}
+                                   "gaussian_blur": 1.5, "jpeg": 50.0, "downscale": 0.5,
+                                   "h264": 32.0}
 
 
 def perturb(crops: np.ndarray, kind: str, strength: float, seed: int = 0) -> np.ndarray:
-    """A perturbed copy of uint8 crops (N, S, S, 3); deterministic under `seed`."""
+    """A perturbed copy of uint8 crops (N, S, S, 3); deterministic under `seed`. The same
+    functions as training augmentation (`training.augment`), at a fixed strength."""
     rng = np.random.default_rng(seed)
-    if kind == "gaussian_noise":
-        return np.clip(np.rint(crops + rng.normal(0, strength, crops.shape)), 0, 255).astype(np.uint8)
-    if kind == "salt_pepper":
-        out = crops.copy()
-        hit = rng.random(crops.shape[:3]) < strength
-        out[hit] = np.where(rng.random(int(hit.sum())) < 0.5, 0, 255)[:, None].astype(np.uint8)
-        return out
-    if kind == "gaussian_blur":
-        return np.stack([np.asarray(Image.fromarray(c).filter(ImageFilter.GaussianBlur(strength)))
-                         for c in crops])
-    if kind == "jpeg":
-        out = []
-        for c in crops:
-            buf = io.BytesIO()
-            Image.fromarray(c).save(buf, format="JPEG", quality=int(strength))
-            out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
-        return np.stack(out)
-    raise ValueError(f"unknown perturbation {kind!r}: use {sorted(PERTURBATIONS)}")
+    one = {"gaussian_noise": lambda c: A.gaussian_noise(c, strength, rng),
+           "salt_pepper": lambda c: A.salt_pepper(c, strength, rng),
+           "gaussian_blur": lambda c: A.gaussian_blur(c, strength),
+           "jpeg": lambda c: A.jpeg(c, int(strength)),
+           "downscale": lambda c: A.rescale(c, strength),
+           "h264": lambda c: A.h264(c, int(strength))}.get(kind)
+    if one is None:
+        raise ValueError(f"unknown perturbation {kind!r}: use {sorted(PERTURBATIONS)}")
+    return np.stack([one(c) for c in crops])
 
 
 def parse_perturbations(spec: Optional[str]) -> dict[str, float]:
@@ -129,12 +125,59 @@ def int8_cost(model, meta, crops: np.ndarray, labels: np.ndarray, calibration: P
             "keep_float": list(keep_float), "onnx_int8": str(int8)}
 
 
-def evaluate(checkpoint: Path, prepared: Path, out_dir: Path, split: str = "test",
+def load_for_evaluation(checkpoint: Optional[Path], model_cfg: Optional[ModelConfig] = None,
+                        device: str = "cpu"):
+    """(model, meta) of a checkpoint, or with `checkpoint=None` the untrained network the
+    service runs without one (same seed): a chance baseline."""
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint, device)
+    torch.manual_seed(0)
+    model = PEL(model_cfg or ModelConfig(), load_pretrained=False).to(device).eval()
+    return model, CheckpointMeta(model=model.cfg)
+
+
+def by_dataset(rows: list[dict], labels: np.ndarray, probs: np.ndarray, threshold: float,
+               default: str) -> dict:
+    """Frame metrics per dataset tag of the rows (e.g. the DFDC crops and the real photos of
+    one prepared folder): a real-only dataset still reports its false-positive rate."""
+    tags = np.array([r.get("dataset") or default for r in rows])
+    return {t: binary_metrics(labels[tags == t], probs[tags == t], threshold)
+            for t in sorted(set(tags.tolist()))}
+
+
+def write_scores(out_dir: Path, rows: list[dict], labels: np.ndarray, probs: np.ndarray,
+                 threshold: float, default: str) -> tuple[Path, Path]:
+    """`scores.csv` (one line per crop) and `videos.csv` (one per video: mean probability,
+    verdict at the threshold)."""
+    import csv
+
+    crops_csv, videos_csv = out_dir / "scores.csv", out_dir / "videos.csv"
+    with crops_csv.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "video", "frame", "dataset", "label", "fake_probability", "verdict"])
+        for r, y, p in zip(rows, labels, probs):
+            w.writerow([r["path"], r["video"], r.get("frame", 0), r.get("dataset") or default,
+                        "fake" if y else "real", f"{p:.6f}", "fake" if p >= threshold else "real"])
+    ids, vy, vp = video_level([r["video"] for r in rows], labels, probs)
+    frames = {v: 0 for v in ids}
+    for r in rows:
+        frames[r["video"]] += 1
+    with videos_csv.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["video", "label", "frames", "fake_probability", "verdict"])
+        for v, y, p in zip(ids, vy, vp):
+            w.writerow([v, "fake" if y else "real", frames[v], f"{p:.6f}",
+                        "fake" if p >= threshold else "real"])
+    return crops_csv, videos_csv
+
+
+def evaluate(checkpoint: Optional[Path], prepared: Path, out_dir: Path, split: str = "test",
              perturbations: Optional[dict[str, float]] = None, batch_size: int = 64,
              seed: int = 0, device: str = "cpu", int8_calibration: Optional[Path] = None,
-             int8_keep_float: tuple[str, ...] = ()) -> dict:
-    """Evaluate and write the report (see module doc); returns the report dict."""
-    model, meta = load_checkpoint(checkpoint, device)
+             int8_keep_float: tuple[str, ...] = (), model_cfg: Optional[ModelConfig] = None) -> dict:
+    """Evaluate and write the report (see module doc); returns the report dict.
+    `checkpoint=None` scores the untrained network of `model_cfg` (a chance baseline)."""
+    model, meta = load_for_evaluation(checkpoint, model_cfg, device)
     size = manifest(prepared)["size"]
     if size != meta.model.input_size:
         raise ValueError(f"{prepared} holds {size}px crops, the checkpoint expects "
@@ -144,22 +187,31 @@ def evaluate(checkpoint: Path, prepared: Path, out_dir: Path, split: str = "test
     if labels.min() == labels.max():
         log.warning("split %r has only %s crops: AUC and EER are undefined", split,
                     "fake" if labels[0] else "real")
+    if not meta.trained:
+        log.warning("evaluating an UNTRAINED network: a chance baseline, not a detector")
     t, thr = meta.temperature, meta.threshold
-    probs = sigmoid(predict_logits(model, crops, batch_size, device) / t)
-    report = {"checkpoint": str(checkpoint), "prepared": str(prepared), "split": split,
-              "dataset": manifest(prepared).get("dataset", ""), "temperature": t, "threshold": thr,
+    dataset = manifest(prepared).get("dataset", "")
+    logits = predict_logits(model, crops, batch_size, device)
+    probs = sigmoid(logits / t)
+    report = {"checkpoint": str(checkpoint) if checkpoint else "untrained", "prepared": str(prepared),
+              "split": split, "dataset": dataset, "temperature": t, "threshold": thr,
               "calibrated": meta.calibrated, "trained": meta.trained,
               "video_score": "mean of frame probabilities", "clean": _levels(labels, probs, videos, thr),
-              "robustness": {}}
+              "ece": expected_calibration_error(labels, probs),
+              "ece_uncalibrated": expected_calibration_error(labels, sigmoid(logits)),
+              "by_dataset": by_dataset(rows, labels, probs, thr, dataset), "robustness": {}}
     curves = {"clean": (labels, probs)}
     for i, (kind, strength) in enumerate((perturbations or {}).items()):
         p = sigmoid(predict_logits(model, perturb(crops, kind, strength, seed + i), batch_size,
                                    device) / t)
         res = _levels(labels, p, videos, thr)
+        res["by_dataset"] = by_dataset(rows, labels, p, thr, dataset)
         report["robustness"][kind] = {"strength": strength, **res, "delta": _delta(report["clean"], res)}
         curves[f"{kind} {strength:g}"] = (labels, p)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    report["scores_csv"], report["videos_csv"] = map(str, write_scores(out_dir, rows, labels, probs,
+                                                                       thr, dataset))
     if int8_calibration is not None:
         report["int8"] = int8_cost(model.cpu(), meta, crops, labels, Path(int8_calibration), out_dir,
                                    tuple(int8_keep_float))

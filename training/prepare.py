@@ -12,6 +12,11 @@ Output folder:
 
 Per frame the largest detected face is kept (for manipulated videos the target face is normally
 the dominant one); frames without a face contribute no crop and are counted in the record.
+
+Face-crop mode (`TrainConfig.face_crops`, `pel prepare --face-crops`) is for datasets whose
+images already are face crops: each image is padded before detection and falls back to the
+whole image as the face box when no face is found (`pel_model.faces.face_crop_input`), so no
+input is lost; rows say `fallback: true` and `report.json` counts them.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from pel_model.config import FaceConfig, TrainConfig
-from pel_model.faces import extract_faces, make_detector, square_box
+from pel_model.faces import crop_face_input, extract_faces, make_detector, square_box
+from pel_model.faces.face_crop_input import detector_config
 
 from .datasets import Source
 from .media import MediaError, archive_frames, image_frame, video_frames
@@ -48,6 +54,7 @@ class PrepareSummary:
     crops: int
     no_face: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    fallbacks: int = 0  # face-crop mode: inputs whose whole image became the face box
 
 
 def safe_id(video_id: str) -> str:
@@ -87,17 +94,33 @@ def _frames_of(group: list[Source], n: int) -> dict[str, list[tuple[int, np.ndar
     return {first.id: video_frames(first.path, n)}
 
 
+def _detector(faces: FaceConfig, face_crops: bool):
+    return make_detector(detector_config(faces) if face_crops else faces)
+
+
+def _faces_of(frame: np.ndarray, detector, faces: FaceConfig, size: int, face_crops: bool):
+    """(face, crop, fell_back) of the face kept for this frame, or None."""
+    if face_crops:
+        return crop_face_input(frame, detector, faces, size)
+    found = extract_faces(frame, detector, faces, size)
+    if not found:
+        return None
+    face, crop = max(found, key=lambda fc: (fc[0].width * fc[0].height, fc[0].score))
+    return face, crop, False
+
+
 def process_groups(groups: list[list[Source]], out_dir: Path, faces: FaceConfig, size: int,
-                   n: int, fmt: str) -> list[dict]:
+                   n: int, fmt: str, face_crops: bool = False) -> list[dict]:
     """One Ray task: several groups with one detector (building it costs more than a still image)."""
-    detector = make_detector(faces)
-    return [r for g in groups for r in process_group(g, out_dir, faces, size, n, fmt, detector)]
+    detector = _detector(faces, face_crops)
+    return [r for g in groups
+            for r in process_group(g, out_dir, faces, size, n, fmt, detector, face_crops)]
 
 
 def process_group(group: list[Source], out_dir: Path, faces: FaceConfig, size: int, n: int,
-                  fmt: str, detector=None) -> list[dict]:
+                  fmt: str, detector=None, face_crops: bool = False) -> list[dict]:
     """Prepare sources that share one file; returns one record per source (incl. failures)."""
-    detector = detector or make_detector(faces)
+    detector = detector or _detector(faces, face_crops)
     try:
         frames = _frames_of(group, n)
     except MediaError as exc:
@@ -107,13 +130,14 @@ def process_group(group: list[Source], out_dir: Path, faces: FaceConfig, size: i
         sid = safe_id(src.id)
         rows, npz = [], {}
         for idx, frame in frames[src.id]:
-            found = extract_faces(frame, detector, faces, size)
-            if not found:
+            kept = _faces_of(frame, detector, faces, size, face_crops)
+            if kept is None:
                 continue
-            face, crop = max(found, key=lambda fc: (fc[0].width * fc[0].height, fc[0].score))
+            face, crop, fell_back = kept
             rows.append({"video": src.id, "frame": idx, "label": src.label, "split": src.split,
-                         "method": src.method, "box": face.as_list(),
+                         "method": src.method, "dataset": src.dataset, "box": face.as_list(),
                          "landmarks": _landmarks_in_crop(face, faces.margin, frame.shape, size),
+                         "fallback": fell_back,
                          "path": _write_crop(out_dir, sid, idx, crop, fmt, npz)})
         if npz:
             path = out_dir / "crops" / f"{sid}.npz"
@@ -135,7 +159,7 @@ def _check_manifest(out_dir: Path, manifest: dict) -> None:
     path = out_dir / "manifest.json"
     if path.exists():
         old = json.loads(path.read_text())
-        keys = ("size", "frames_per_video", "crop_format", "faces")
+        keys = ("size", "frames_per_video", "crop_format", "faces", "face_crops")
         diff = [k for k in keys if old.get(k) != manifest.get(k)]
         if diff:
             raise ValueError(f"{out_dir} was prepared with different {diff} "
@@ -160,9 +184,10 @@ def prepare(sources: list[Source], out_dir: Path, cfg: TrainConfig = TrainConfig
 
     out_dir = Path(out_dir)
     size = size or cfg.model.input_size
-    fmt, n = cfg.crop_format, cfg.frames_per_video
+    fmt, n, fc = cfg.crop_format, cfg.frames_per_video, cfg.face_crops
     _check_manifest(out_dir, {"size": size, "frames_per_video": n, "crop_format": fmt,
-                              "faces": cfg.faces.model_dump(mode="json"), "dataset": dataset})
+                              "faces": cfg.faces.model_dump(mode="json"), "face_crops": fc,
+                              "dataset": dataset})
     done = {s.id for s in sources if (out_dir / "videos" / f"{safe_id(s.id)}.json").exists()}
     todo = _groups([s for s in sources if s.id not in done])
     bar = tqdm(total=len(sources), initial=len(done), desc="prepare", unit="video",
@@ -173,7 +198,7 @@ def prepare(sources: list[Source], out_dir: Path, cfg: TrainConfig = TrainConfig
 
         task = ray.remote(num_cpus=1)(process_groups)
         per_task = 64 if all(g[0].kind == "image" for g in todo) else 1  # stills are cheap
-        pending = [task.remote(todo[i:i + per_task], out_dir, cfg.faces, size, n, fmt)
+        pending = [task.remote(todo[i:i + per_task], out_dir, cfg.faces, size, n, fmt, fc)
                    for i in range(0, len(todo), per_task)]
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -182,7 +207,7 @@ def prepare(sources: list[Source], out_dir: Path, cfg: TrainConfig = TrainConfig
                 bar.update(len(recs))
     else:
         for g in todo:
-            recs = process_group(g, out_dir, cfg.faces, size, n, fmt)
+            recs = process_group(g, out_dir, cfg.faces, size, n, fmt, face_crops=fc)
             results += recs
             bar.update(len(recs))
     bar.close()
@@ -197,7 +222,7 @@ def prepare(sources: list[Source], out_dir: Path, cfg: TrainConfig = TrainConfig
 
 
 def _write_index(out_dir: Path, sources: list[Source], failed: dict[str, str]) -> PrepareSummary:
-    rows, no_face = [], []
+    rows, no_face, fallbacks = [], [], 0
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for s in sources:
         path = out_dir / "videos" / f"{safe_id(s.id)}.json"
@@ -209,6 +234,7 @@ def _write_index(out_dir: Path, sources: list[Source], failed: dict[str, str]) -
         rows += rec["rows"]
         counts[s.split]["videos_" + ("fake" if s.label else "real")] += 1
         counts[s.split]["crops_" + ("fake" if s.label else "real")] += len(rec["rows"])
+        fallbacks += sum(bool(r.get("fallback")) for r in rec["rows"])
     tmp = out_dir / (INDEX + ".tmp")
     with tmp.open("w") as f:
         for r in rows:
@@ -217,9 +243,12 @@ def _write_index(out_dir: Path, sources: list[Source], failed: dict[str, str]) -
     if no_face:
         log.warning("%d videos had no detectable face in any sampled frame (listed in %s)",
                     len(no_face), out_dir / "report.json")
+    if fallbacks:
+        log.info("%d of %d face-crop inputs had no detected face: the whole image is the face box",
+                 fallbacks, len(rows))
     (out_dir / "report.json").write_text(json.dumps(
-        {"counts": counts, "no_face": no_face, "failed": failed}, indent=1))
-    return PrepareSummary(out_dir, len(sources), 0, len(rows), no_face, failed)
+        {"counts": counts, "no_face": no_face, "failed": failed, "fallbacks": fallbacks}, indent=1))
+    return PrepareSummary(out_dir, len(sources), 0, len(rows), no_face, failed, fallbacks)
 
 
 def summary_json(s: PrepareSummary) -> str:

@@ -1,9 +1,12 @@
 """`pel train`: the paper's recipe on Ray Train (V2).
 
-Each worker builds the PEL network, draws balanced batches (`data.BalancedBatches`; the global
-batch `batch_size` is split evenly over workers), trains with Adam and BCE-with-logits (mixed
-precision on GPU) and validates every epoch on its shard of the `val` split (results gathered
-over workers): loss, accuracy at 0.5, AUC, EER. Rank 0 writes a Ray checkpoint per epoch holding
+Each worker builds the PEL network (ImageNet-initialised where weights resolve, leading stages
+frozen if asked: `finetune`), draws balanced batches (`data.BalancedBatches`; the global batch
+`batch_size` is split evenly over workers), trains with Adam(W) and BCE-with-logits (warm-up and
+cosine schedule, mixed precision on GPU), logs progress (`progress`), and validates every epoch
+on its shard of the `val` split (results gathered over workers): loss, accuracy at 0.5, AUC,
+EER. Training stops early when val AUC stops improving (`early_stopping_patience`) or the time
+budget (`max_minutes`) is spent; the last epoch is then validated and checkpointed as usual. Rank 0 writes a Ray checkpoint per epoch holding
 `model.safetensors` (the project's checkpoint format, `trained=True`, not yet calibrated) and
 `train_state.pt` (epoch, optimizer, grad scaler). Re-running with the same `run_name` and
 `storage_path` resumes from the latest checkpoint (Ray Train restores it for the new run).
@@ -20,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -29,8 +33,10 @@ from pel_model.config import TrainConfig
 from pel_model.pel import PEL
 
 from .data import BalancedBatches, eval_arrays, manifest, read_index
+from .finetune import freeze_leading_stages, keep_frozen_in_eval, make_optimizer, set_lr
 from .metrics import binary_metrics
 from .plots import training_curve
+from .progress import Progress
 from .scoring import predict_logits, sigmoid
 
 log = logging.getLogger(__name__)
@@ -64,11 +70,9 @@ def _gather(obj):
     return out
 
 
-def validate(model: PEL, prepared: Path, rows: list[dict], cfg: TrainConfig, rank: int, world: int,
-             device) -> dict:
-    """Validation metrics over all workers (each scores `rows[rank::world]`)."""
-    crops, labels, _ = eval_arrays(prepared, rows[rank::world], cfg.seed, cfg.faces.margin,
-                                   threads=cfg.loader_threads) if rows[rank::world] else (None, None, None)
+def validate(model: PEL, crops: Optional[np.ndarray], labels: Optional[np.ndarray],
+             cfg: TrainConfig, device) -> dict:
+    """Validation metrics over all workers (each scores its own shard of the split)."""
     local = ([], [])
     if crops is not None:
         local = (predict_logits(model, crops, cfg.eval_batch_size, device,
@@ -81,6 +85,30 @@ def validate(model: PEL, prepared: Path, rows: list[dict], cfg: TrainConfig, ran
     m = binary_metrics(y, sigmoid(logits))
     return {"val_loss": loss, "val_acc": m["acc"], "val_auc": m.get("auc", float("nan")),
             "val_eer": m.get("eer", float("nan")), "val_n": m["n"]}
+
+
+def _any(flag: bool) -> bool:
+    """True on every worker when it is true on one (so all stop at the same step)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def should_stop(history: list[dict], cfg: TrainConfig) -> Optional[str]:
+    """Why training ends after the last epoch of `history`, or None to go on."""
+    if history and history[-1].get("stopped") == "time budget":
+        return "time budget"
+    patience = cfg.early_stopping_patience
+    aucs = [h.get("val_auc", float("nan")) for h in history]
+    if patience and len(aucs) > patience:
+        best = int(np.nanargmax(aucs)) if not np.all(np.isnan(aucs)) else 0
+        if len(aucs) - 1 - best >= patience:
+            return f"no val AUC gain for {patience} epochs"
+    return None
 
 
 def _loop(conf: dict) -> None:
@@ -96,6 +124,7 @@ def _loop(conf: dict) -> None:
     torch.manual_seed(cfg.seed)
     train_rows, val_rows = read_index(prepared, "train"), read_index(prepared, "val")
     model = PEL(cfg.model, load_pretrained=True)
+    weights_source = model.weights_source
     state, start, history = None, 0, []
     resume = ray.train.get_checkpoint()
     if resume is not None:
@@ -103,25 +132,44 @@ def _loop(conf: dict) -> None:
             model.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))
             state = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
         start, history = int(state["epoch"]) + 1, list(state.get("history", []))
+        weights_source = state.get("weights_source", weights_source)
         if rank == 0:
-            log.info("resuming %s after epoch %d", cfg.run_name, state["epoch"])
+            print(f"resuming {cfg.run_name} after epoch {state['epoch']}", flush=True)
+    frozen = freeze_leading_stages(model, cfg.frozen_stages)
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)  # ~1.2x faster CPU convolutions
     model = ray.train.torch.prepare_model(model)
     net: PEL = getattr(model, "module", model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = steps_per_epoch(cfg, train_rows)
+    opt = make_optimizer(model, cfg)
     amp = cfg.mixed_precision and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
     batches = BalancedBatches(prepared, train_rows, cfg.self_blended, cfg.batch_size // world,
-                              cfg.seed, rank, cfg.augment, cfg.faces.margin, cfg.loader_threads)
-    steps = steps_per_epoch(cfg, train_rows)
+                              cfg.seed, rank, cfg.augmentation if cfg.augment else None,
+                              cfg.faces.margin, cfg.loader_threads, cfg.sbi_fraction)
+    shard = val_rows[rank::world]
+    val_crops, val_labels, _ = (eval_arrays(prepared, shard, cfg.seed, cfg.faces.margin,
+                                            threads=cfg.loader_threads) if shard else (None, None, None))
+    spent_s = sum(h.get("epoch_s", 0.0) for h in history)  # training time of earlier attempts
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    total = cfg.epochs * steps
+    step = sum(h.get("steps", 0) for h in history)
+    progress = Progress(total, step, cfg.log_every_steps, cfg.run_name, enabled=rank == 0)
+    if should_stop(history, cfg):
+        start = cfg.epochs  # a finished run re-run: nothing left to do
     for epoch in range(start, cfg.epochs):
-        t0, losses = time.time(), []
+        t0, losses, stopped = time.time(), [], None
         model.train()
+        keep_frozen_in_eval(frozen)
         for crops, labels in batches.epoch(epoch, steps):
+            used = spent_s + time.time() - t0
+            lr = set_lr(opt, cfg, step, total, used / budget_s if budget_s else 0.0)
+            step += 1
             x = torch.from_numpy(crops).to(device)
             y = torch.from_numpy(labels).to(device)
             with torch.autocast(device.type, enabled=amp):
@@ -131,26 +179,54 @@ def _loop(conf: dict) -> None:
             scaler.step(opt)
             scaler.update()
             losses.append(loss.item())
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "steps": steps,
-                   "epoch_s": time.time() - t0}
-        metrics.update(validate(net, prepared, val_rows, cfg, rank, world, device))
+            progress.step(losses[-1], len(crops) * world)
+            if _any(budget_s is not None and spent_s + time.time() - t0 >= budget_s):
+                stopped = "time budget"
+                break
+        epoch_s = time.time() - t0
+        spent_s += epoch_s
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "steps": len(losses),
+                   "epoch_s": epoch_s, "lr": lr,
+                   "train_crops_s": len(losses) * cfg.batch_size / max(epoch_s, 1e-9)}
+        if stopped:
+            metrics["stopped"] = stopped
+        t_val = time.time()
+        metrics.update(validate(net, val_crops, val_labels, cfg, device))
+        metrics["val_s"] = time.time() - t_val
         history.append(metrics)
+        reason = should_stop(history, cfg)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                meta = CheckpointMeta(model=cfg.model, trained=True, calibrated=False, provenance={
+                meta = CheckpointMeta(model=net.cfg, trained=True, calibrated=False, provenance={
                     "prepared": str(prepared), "dataset": manifest(prepared).get("dataset", ""),
                     "epoch": epoch, "metrics": metrics, "history": history,
-                    "self_blended": cfg.self_blended,
+                    "self_blended": cfg.self_blended, "backbone_init": weights_source,
                     "recipe": cfg.model_dump(mode="json", exclude={"model", "faces"}),
-                    "workers": world})
+                    "workers": world, **({"stopped": reason} if reason else {})})
                 save_checkpoint(os.path.join(d, MODEL_FILE), net, meta)
                 torch.save({"epoch": epoch, "optimizer": opt.state_dict(), "history": history,
-                            "scaler": scaler.state_dict()}, os.path.join(d, STATE_FILE))
+                            "scaler": scaler.state_dict(),
+                            "weights_source": weights_source}, os.path.join(d, STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-                log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v
-                                                 for k, v in metrics.items()})
+                print(f"epoch {epoch}: " + ", ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in metrics.items() if k != "epoch"), flush=True)
+                if reason:
+                    print(f"stopping after epoch {epoch}: {reason}", flush=True)
             ray.train.report(metrics, checkpoint=checkpoint)
+        if reason:
+            break
+    progress.close()
+
+
+def join_options(address: str | None) -> dict:
+    """`ray.init` options for joining `address`: the job's processes get it as RAY_ADDRESS, so
+    Ray Train's helper actors that look a cluster up themselves (PlacementGroupCleaner) find
+    this one even when several local clusters run ("Found multiple active Ray instances")."""
+    if not address or address == "auto":
+        return {}
+    return {"runtime_env": {"env_vars": {"RAY_ADDRESS": address}}}
 
 
 def train(prepared: Path, cfg: TrainConfig, ray_address: str | None = None) -> TrainResult:
@@ -171,7 +247,7 @@ def train(prepared: Path, cfg: TrainConfig, ray_address: str | None = None) -> T
     read_index(prepared, "train"), read_index(prepared, "val")  # fail fast on empty splits
     storage = Path(cfg.storage_path).expanduser().resolve()
     if not ray.is_initialized():
-        ray.init(address=ray_address)
+        ray.init(address=ray_address, **join_options(ray_address))
     trainer = TorchTrainer(
         _loop,
         train_loop_config={"prepared": str(prepared), "cfg": cfg.model_dump(mode="json")},

@@ -5,9 +5,11 @@ CUDA, then ONNX Runtime on CPU (2-4x faster than PyTorch eager on CPU here).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,17 +31,27 @@ def _tensorrt_available() -> bool:
     return torch.cuda.is_available()
 
 
-def create_backend(model: PEL, kind: str = "auto", device: str | None = None,
+def create_backend(model: PEL | Callable[[], PEL], kind: str = "auto", device: str | None = None,
                    precision: str = "fp32", onnx_path: str | Path | None = None, *,
                    compile: str = "off", trt_profile: tuple[int, int, int] | None = None,
                    calibration_dir: str | Path | None = None,
-                   int8_keep_float: tuple[str, ...] = ()) -> Backend:
+                   int8_keep_float: tuple[str, ...] = (), input_size: int | None = None) -> Backend:
     """Build a backend for `model`. `onnx_path` is where the ONNX export is cached (made if absent).
+
+    `model` may be a loader (with `input_size` given): ONNX Runtime with a cached export then
+    never builds the PyTorch network at all (less memory, faster replica start).
 
     `compile`: torch.compile mode of the PyTorch CUDA backend; `trt_profile`: TensorRT batch
     (min, opt, max), default the TensorRT module's; `calibration_dir`: face crops for INT8 calibration; `int8_keep_float`:
     weight-name prefixes of layers an INT8 graph keeps in float.
     """
+    if isinstance(model, PEL):
+        net, input_size = model, model.cfg.input_size
+        load = lambda: net  # noqa: E731
+    elif input_size is None:
+        raise ValueError("create_backend needs input_size when given a model loader")
+    else:
+        load = functools.lru_cache(maxsize=1)(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     auto = kind == "auto"
     if auto:
@@ -51,9 +63,9 @@ def create_backend(model: PEL, kind: str = "auto", device: str | None = None,
         from ..quantize import load_calibration_crops
         from .tensorrt_backend import DEFAULT_PROFILE, TensorRTBackend  # optional extra
         try:
-            calib = (load_calibration_crops(calibration_dir, model.cfg.input_size)
+            calib = (load_calibration_crops(calibration_dir, input_size)
                      if precision == "int8" and calibration_dir is not None else None)
-            backend: Backend = TensorRTBackend.from_model(model, onnx_path, device, precision,
+            backend: Backend = TensorRTBackend.from_model(load(), onnx_path, device, precision,
                                                           profile=tuple(trt_profile or DEFAULT_PROFILE),
                                                           calibration_crops=calib,
                                                           keep_float=int8_keep_float)
@@ -68,16 +80,16 @@ def create_backend(model: PEL, kind: str = "auto", device: str | None = None,
         if auto and tprec == "int8":  # PyTorch has no INT8 path here: the nearest fast precision
             log.warning("int8 requested without TensorRT: PyTorch CUDA runs fp16 instead")
             tprec = "fp16"
-        backend = TorchBackend(model, device, tprec, compile=compile if cuda else "off")
+        backend = TorchBackend(load(), device, tprec, compile=compile if cuda else "off")
     elif kind == "onnxruntime":
         if onnx_path is None:
             raise ValueError("the onnxruntime backend needs an onnx_path to export to or load from")
         onnx_path = Path(onnx_path)
         if not onnx_path.exists():
-            export_onnx(model, onnx_path)
+            export_onnx(load(), onnx_path)
         if precision == "int8":
-            onnx_path = _int8_graph(onnx_path, model.cfg.input_size, calibration_dir, int8_keep_float)
-        backend = OnnxRuntimeBackend(onnx_path, model.cfg.input_size, device)
+            onnx_path = _int8_graph(onnx_path, input_size, calibration_dir, int8_keep_float)
+        backend = OnnxRuntimeBackend(onnx_path, input_size, device)
     elif kind != "tensorrt":
         raise ValueError(f"unknown backend {kind!r}: use auto, torch, onnxruntime or tensorrt")
     log.info("inference backend: %s (requested %s, device %s)", backend.describe(),

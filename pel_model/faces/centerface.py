@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 STRIDE = 4  # output map stride of the network
 ALIGN = 32  # input height and width must be multiples of this
+MAX_DETECTIONS = 256  # callers keep `max_faces_per_frame` of them and count the rest
 _HEADS = {"reg_conv": "scale", "off_conv": "offset", "lm_conv": "landmarks"}
 
 
@@ -203,7 +204,7 @@ class CenterFace(FaceDetector):
         sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
         valid = np.nonzero(sides > 0)[0]
         kept = valid[nms(boxes[valid], scores[valid], cfg.nms_iou)]
-        kept = [i for i in kept if sides[i] >= cfg.min_face_px][: cfg.max_faces_per_frame]
+        kept = [i for i in kept if sides[i] >= cfg.min_face_px][:MAX_DETECTIONS]
         return [
             Face(
                 *(float(v) for v in boxes[i]),

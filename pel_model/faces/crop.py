@@ -1,7 +1,9 @@
 """Square face crops, identical for training and serving.
 
 Geometry: a square centred on the face box with side `max(w, h) * (1 + margin)`, snapped to whole
-pixels (`square_box`). Parts of the square outside the frame are zero (black). The square is then
+pixels (`square_box`). Parts of the square outside the frame are filled by mirroring the frame
+at its edge (`numpy.pad(mode="reflect")`): never black bars, which a detector could learn as a
+cue of tight source crops, and the same in training and serving. The square is then
 resized to `size x size` with PIL's bilinear filter (`Image.Resampling.BILINEAR`, which widens its
 support when shrinking, i.e. antialiased); when the square already is `size` pixels no resampling
 happens. The result depends only on the inputs (deterministic).
@@ -40,9 +42,11 @@ def crop_face(frame: np.ndarray, face: Face, size: int, margin: float) -> np.nda
         raise ValueError(f"crop size must be a positive integer, got {size!r}")
     x0, y0, x1, y1 = square_box(face, margin, frame.shape)
     h, w = frame.shape[:2]
-    square = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
     sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    square[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = frame[sy0:sy1, sx0:sx1]
+    square = frame[sy0:sy1, sx0:sx1]
+    pad = ((sy0 - y0, y1 - sy1), (sx0 - x0, x1 - sx1), (0, 0))
+    if any(p for axis in pad for p in axis):
+        square = np.pad(square, pad, mode="reflect" if min(square.shape[:2]) > 1 else "edge")
     if square.shape[0] == size:
         return square
     return np.asarray(Image.fromarray(square).resize((int(size), int(size)), RESAMPLE))
