@@ -16,22 +16,26 @@ import redis
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from pel_model.config import AppConfig
 
 from .detector import PELDetector
 from .metrics import metrics
 from .queue import JobQueue
-from .redis_server import resolve_redis_url
+from .redact import install_log_redaction, redact_url
+from .redis_server import ensure_embedded_redis, resolve_redis_url
 from .stream_worker import StreamWorker
 
 log = logging.getLogger(__name__)
 MONITOR_INTERVAL_S = 2.0
+STATUS_TIMEOUT_S = 3.0
 
 
 @serve.deployment(name="Moderator", ray_actor_options={"num_cpus": 0.1})
 class Moderator:
     def __init__(self, cfg: dict, detector: DeploymentHandle):
+        install_log_redaction()
         self.cfg = AppConfig.model_validate(cfg)
         self.redis_url = resolve_redis_url(self.cfg.redis)
         self.queue = JobQueue(redis.Redis.from_url(self.redis_url), self.cfg.redis,
@@ -51,6 +55,7 @@ class Moderator:
     async def _watch(self) -> None:
         while True:
             try:
+                await asyncio.to_thread(ensure_embedded_redis, self.cfg.redis)
                 self.metrics.set_queue_depth(await asyncio.to_thread(self.queue.queue_depth))
                 await asyncio.to_thread(self._count_dead_letters)
                 if self.model is None:
@@ -78,26 +83,38 @@ class Moderator:
             for entry_id, fields in entries:
                 self._dead_seen = entry_id
                 f = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
-                self.metrics.dead_letter("lease_expired" if "lease expired" in f.get("reason", "")
+                reason = f.get("reason", "")
+                self.metrics.dead_letter("lease_expired" if "lease expired" in reason
+                                         else "duplicate_id" if reason.startswith("duplicate job id")
                                          else "invalid_job" if "raw" in f else "failed")
 
     def check_health(self) -> None:
         if self._monitor.done():
             raise RuntimeError(f"monitor loop ended: {self._monitor.exception()!r}")
 
-    async def status(self) -> dict:
-        workers = []
-        for w in self.workers:
-            try:
-                workers.append(await w.status.remote())
-            except ray.exceptions.RayActorError as exc:
-                workers.append({"error": str(exc)[:200]})
-        stats = await asyncio.to_thread(self.queue.stats)
-        return {"redis_url": self.redis_url, "prefix": self.cfg.redis.prefix, "queue": stats,
-                "workers": workers, "model": self.model}
+    async def _worker_status(self, w) -> dict:
+        try:
+            return await asyncio.wait_for(w.status.remote(), timeout=STATUS_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return {"error": "not answering (starting or busy)"}
+        except ray.exceptions.RayActorError:
+            return {"error": "restarting"}
 
-    async def __call__(self, request: Request) -> dict:
-        return await self.status()
+    async def status(self) -> dict:
+        """Service status; answers within a few seconds even when Redis or a worker is down."""
+        workers = await asyncio.gather(*(self._worker_status(w) for w in self.workers))
+        try:
+            stats = await asyncio.wait_for(asyncio.to_thread(self.queue.stats), STATUS_TIMEOUT_S)
+            redis_ok = True
+        except Exception as exc:  # Redis down: say so instead of failing the request
+            stats, redis_ok = {"error": f"redis unavailable ({type(exc).__name__})"}, False
+        return {"redis_url": redact_url(self.redis_url), "redis_ok": redis_ok,
+                "prefix": self.cfg.redis.prefix, "queue": stats, "workers": list(workers),
+                "model": self.model}
+
+    async def __call__(self, request: Request):
+        status = await self.status()
+        return JSONResponse(status, status_code=200 if status["redis_ok"] else 503)
 
 
 def build_app(args: dict | None = None) -> serve.Application:

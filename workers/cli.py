@@ -20,6 +20,7 @@ import yaml
 from pel_model.config import AppConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "app.yaml"
+FINAL_STATES = ("done", "partial", "cancelled", "failed")
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG) -> AppConfig:
@@ -68,11 +69,25 @@ def _verdicts(args) -> int:
     deadline = time.time() + args.wait
     while True:
         state = queue.state(args.job_id) or {}
-        if state.get("state") in ("done", "failed") or time.time() >= deadline:
+        if state.get("state") in FINAL_STATES or time.time() >= deadline:
             break
         time.sleep(1.0)
     print(json.dumps({"job": state, "clips": store.clips(args.job_id)}, indent=2))
     return 0 if state.get("state") == "done" else 1
+
+
+def _cancel(args) -> int:
+    cfg = load_config(args.config)
+    state = _queue(cfg).cancel(args.job_id)
+    if state is None:
+        print(f"pel cancel: no job {args.job_id!r}", file=sys.stderr)
+        return 2
+    if state in ("queued", "running"):
+        print(f"cancel requested for {args.job_id} ({state}); it stops within "
+              f"{cfg.intake.lease_seconds / 3:.0f} s and ends 'cancelled'")
+        return 0
+    print(f"job {args.job_id} already ended: {state}")
+    return 0
 
 
 def _status(args) -> int:
@@ -89,7 +104,7 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen) -> dict:
         if proc.poll() is not None:
             raise RuntimeError(f"serve run exited with code {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
+            with urllib.request.urlopen(url, timeout=30) as resp:
                 status = json.loads(resp.read())
                 if status.get("model"):
                     return status
@@ -142,6 +157,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = cmd("verdicts", _verdicts, "print a job's state and per-clip verdicts")
     p.add_argument("job_id")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the job to end")
+    p = cmd("cancel", _cancel, "stop a queued or running job (live streams included)")
+    p.add_argument("job_id")
     p = cmd("status", _status, "queue statistics and recent dead letters")
     p.add_argument("--dead", type=int, default=10)
     p = cmd("demo", _demo, "start the service, push a clip of a real face, print its verdicts")

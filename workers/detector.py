@@ -39,7 +39,8 @@ class PELDetector:
     def info(self) -> dict:
         s = self.scorer
         return {"input_size": s.input_size, "threshold": s.threshold, "model_id": s.model_id,
-                "warnings": list(s.warnings), "backend": s.backend.describe()}
+                "warnings": list(s.warnings), "backend": s.backend.describe(),
+                "trained": s.meta.trained}
 
     def _infer(self, crops: np.ndarray) -> np.ndarray:
         out = []

@@ -23,18 +23,16 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from .redact import redact_text, redact_url  # noqa: F401  (re-exported)
 
 MAX_URL_LENGTH = 4096
+MAX_PAYLOAD_BYTES = 16384  # a job is a URL plus a few options
 MAX_SAMPLE_FPS = 60.0
 MAX_CLIP_SECONDS = 600.0
 _ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*$")
-_SECRET_PARAM_RE = re.compile(
-    r"token|secret|passw|pwd|sig|key|auth|credential|session|jwt|cookie|access|private", re.I
-)
-_URL_IN_TEXT_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s\"'<>]+")
-REDACTED = "REDACTED"
 
 
 class InvalidJob(ValueError):
@@ -110,7 +108,21 @@ def new_job_id() -> str:
 
 
 def parse_job(raw: str | bytes, default_id: Optional[str] = None) -> Job:
-    """Parse a pushed payload. Jobs without an id get `default_id` (or a fresh uuid4 hex)."""
+    """Parse a pushed payload. Jobs without an id get `default_id` (or a fresh uuid4 hex).
+
+    Any input either parses or raises `InvalidJob`, never another exception: a hostile payload
+    (50,000 nested brackets, megabytes of text, invalid UTF-8) is a dead letter, not a crash."""
+    try:
+        return _parse_job(raw, default_id)
+    except InvalidJob:
+        raise
+    except Exception as exc:  # RecursionError, MemoryError on huge input, anything unforeseen
+        raise InvalidJob(f"unparseable payload ({type(exc).__name__})") from None
+
+
+def _parse_job(raw: str | bytes, default_id: Optional[str]) -> Job:
+    if isinstance(raw, (bytes, str)) and len(raw) > MAX_PAYLOAD_BYTES:
+        raise InvalidJob(f"payload larger than {MAX_PAYLOAD_BYTES} bytes")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -127,6 +139,8 @@ def parse_job(raw: str | bytes, default_id: Optional[str] = None) -> Job:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidJob(f"bad JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidJob("bad JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidJob("JSON payload must be an object")
     job_id = data.get("id")
@@ -165,37 +179,3 @@ def _check_url(url: str) -> str:
     elif not parts.hostname:
         raise InvalidJob(f"URL has no host: {redact_url(url)[:200]!r}")
     return url
-
-
-def redact_url(url: str) -> str:
-    """Drop userinfo and the fragment, mask query values whose names look like secrets.
-
-    ``rtsp://u:p@cam/x?token=abc&ch=1`` -> ``rtsp://cam/x?token=REDACTED&ch=1``.
-    """
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        port = parts.port
-    except ValueError:
-        return "<unparseable URL>"
-    if not parts.scheme or not parts.netloc and not parts.query:
-        return url  # a plain path: nothing to redact
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = host or ""
-        if ":" in netloc:  # IPv6 literal
-            netloc = f"[{netloc}]"
-        if port is not None:
-            netloc += f":{port}"
-    query = parts.query
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if any(_SECRET_PARAM_RE.search(k) for k, _ in pairs):
-        query = urlencode(
-            [(k, REDACTED if _SECRET_PARAM_RE.search(k) else v) for k, v in pairs], safe="/:"
-        )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
-def redact_text(text: str) -> str:
-    """Redact every URL found in free text (e.g. a malformed payload kept in a dead letter)."""
-    return _URL_IN_TEXT_RE.sub(lambda m: redact_url(m.group(0)), text)

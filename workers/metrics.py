@@ -6,8 +6,9 @@ SessionName, NodeAddress, ...): aggregate with ``sum by (...)`` in queries. Expo
 (`EXPORTED`) and their labels:
 
 =====================================  =========  ==========================================
-ray_pel_clips_total                    counter    label (fake/real/no_face/error), model
+ray_pel_clips_total                    counter    label (fake/real/no_face/error/gap/untrained), model
 ray_pel_faces_scored_total             counter    model
+ray_pel_faces_skipped_total            counter    faces found beyond faces.max_faces_per_frame
 ray_pel_face_score                     histogram  model; fake probability of each face, 0..1
 ray_pel_clip_score                     histogram  model; fake probability of each clip, 0..1
 ray_pel_frames_total                   counter    stage (decoded/sampled/dropped)
@@ -41,11 +42,11 @@ from typing import Iterable, Optional, Sequence
 from workers.decode import REASONS as _DECODE_REASONS
 
 EXPORT_PREFIX = "ray_"  # added by Ray's exporter
-VERDICT_LABELS = ("fake", "real", "no_face", "error")
+VERDICT_LABELS = ("fake", "real", "no_face", "error", "gap", "untrained")
 FRAME_STAGES = ("decoded", "sampled", "dropped")
 # Decoder reasons plus failures outside decoding (detector calls, anything unexpected).
 STREAM_ERROR_REASONS = tuple(_DECODE_REASONS) + ("detector", "internal")
-DEAD_LETTER_REASONS = ("invalid_job", "lease_expired", "failed")
+DEAD_LETTER_REASONS = ("invalid_job", "duplicate_id", "lease_expired", "failed")
 
 SCORE_BUCKETS = [round(0.05 * i, 2) for i in range(1, 21)]  # 0.05 .. 1.0 (0 is implicit)
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -57,6 +58,8 @@ CLIP_LATENCY_BUCKETS = [0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pel_clips_total": ("counter", "Clips given a verdict, by verdict label", ("label", "model")),
     "pel_faces_scored_total": ("counter", "Face crops scored by the detector", ("model",)),
+    "pel_faces_skipped_total": ("counter", "Faces found beyond max_faces_per_frame, not scored",
+                                ()),
     "pel_face_score": ("histogram", "Fake probability of each scored face (0..1)", ("model",)),
     "pel_clip_score": ("histogram", "Fake probability of each clip verdict (0..1)", ("model",)),
     "pel_frames_total": ("counter", "Video frames by stage: decoded, sampled, dropped",
@@ -179,6 +182,10 @@ class Metrics:
         self._inc("pel_frames_total", _count(n, "frame count"), _check("stage", stage,
                                                                         FRAME_STAGES))
 
+    def faces_skipped(self, n: int) -> None:
+        if n:
+            self._inc("pel_faces_skipped_total", _count(n, "skipped faces"))
+
     def reconnect(self) -> None:
         self._inc("pel_stream_reconnects_total", 1)
 
@@ -206,7 +213,8 @@ class Metrics:
         if not self.enabled:
             return
         zero: list[tuple[str, Optional[dict[str, str]]]] = [
-            ("pel_stream_reconnects_total", None), ("pel_job_redeliveries_total", None)]
+            ("pel_stream_reconnects_total", None), ("pel_job_redeliveries_total", None),
+            ("pel_faces_skipped_total", None)]
         zero += [("pel_frames_total", {"stage": s}) for s in FRAME_STAGES]
         zero += [("pel_stream_errors_total", {"reason": r}) for r in STREAM_ERROR_REASONS]
         zero += [("pel_dead_letters_total", {"reason": r}) for r in DEAD_LETTER_REASONS]

@@ -5,9 +5,10 @@ Keys (``P`` = `RedisConfig.prefix`, default ``pel``; use ``{pel}`` on Redis Clus
 * ``P:jobs``          LIST users LPUSH onto (see `workers.jobs` for the payload forms).
 * ``P:jobs:stream``   STREAM the jobs are moved into by an atomic Lua script (RPOP + XADD in one
                       step, so nothing is lost), read by consumer group ``P:workers``.
-* ``P:job:<id>``      HASH job state: state (queued/running/done/failed), attempts, url
-                      (redacted), consumer, created/started/updated/finished (unix seconds),
-                      clips_done, media_seconds, frames_sampled, faces_scored, error, entry_id.
+* ``P:job:<id>``      HASH job state: state (queued/running/done/partial/cancelled/failed),
+                      attempts, url (redacted), consumer, created/started/updated/finished
+                      (unix seconds), clips_done, media_seconds, frames_sampled, faces_scored
+                      (never decrease), clips_failed, error, entry_id, cancel_requested.
 * ``P:jobs:active``   ZSET of queued/running job ids (score: time first seen).
 * ``P:deadletter``    STREAM of jobs given up on: job_id, url (redacted), reason, attempts,
                       time, entry_id, consumer, raw (redacted payload, invalid jobs only).
@@ -43,8 +44,9 @@ T = TypeVar("T")
 MOVE_BATCH = 100
 POLL_SLICE_MS = 200
 PROGRESS_FIELDS = {"clips_done": int, "media_seconds": float, "frames_sampled": int, "faces_scored": int}
-_INT_FIELDS = {"attempts", "clips_done", "frames_sampled", "faces_scored"}
-_FLOAT_FIELDS = {"media_seconds", "created", "started", "updated", "finished", "time"}
+_INT_FIELDS = {"attempts", "clips_done", "frames_sampled", "faces_scored", "clips_failed"}
+_FLOAT_FIELDS = {"media_seconds", "created", "started", "updated", "finished", "time",
+                 "cancel_requested"}
 _ID_NAMESPACE = uuid.UUID("6f1c2f7e-5a2b-4c1e-9d0a-3f1b8e2c7a55")
 
 # RPOP (oldest first, users LPUSH) + XADD in one atomic step. Returns [entry, raw, entry, raw...].
@@ -63,6 +65,9 @@ return out
 _MARK_QUEUED = """
 local cur = redis.call('HGET', KEYS[1], 'entry_id')
 if cur == ARGV[1] then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if cur and cur ~= '' and (state == 'queued' or state == 'running')
+   and #redis.call('XRANGE', KEYS[3], cur, cur) > 0 then return 2 end
 if cur ~= '' then
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], 'created', ARGV[3])
@@ -88,10 +93,25 @@ if redis.call('HGET', KEYS[2], 'entry_id') == ARGV[3] then
 end
 return 1
 """
+# Counters never go down: a redelivered job starts counting again from its first clip, and
+# the record keeps the furthest progress any attempt made.
 _PROGRESS = """
 if redis.call('HGET', KEYS[1], 'entry_id') ~= ARGV[1]
    or redis.call('HGET', KEYS[1], 'consumer') ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'updated', ARGV[3], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'updated', ARGV[3])
+for i = 4, #ARGV, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') or 0
+  if tonumber(ARGV[i + 1]) > cur then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+# Another delivery of the same job id is still queued or running (its entry is in the stream).
+_DUPLICATE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+local cur = redis.call('HGET', KEYS[1], 'entry_id')
+if (state ~= 'queued' and state ~= 'running') or not cur or cur == '' or cur == ARGV[1] then
+  return 0 end
+if #redis.call('XRANGE', KEYS[2], cur, cur) == 0 then return 0 end
 return 1
 """
 # Failed attempt that may be retried: keep it pending but make it look idle for a whole lease,
@@ -125,6 +145,18 @@ return 1
 
 def _s(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def raw_client(client: redis.Redis) -> redis.Redis:
+    """`client` itself, or a bytes-returning twin of a `decode_responses=True` client: payloads
+    are hostile bytes (invalid UTF-8 must become a dead letter, not a UnicodeDecodeError)."""
+    kwargs = client.connection_pool.connection_kwargs
+    if not kwargs.get("decode_responses"):
+        return client
+    keep = {k: v for k, v in kwargs.items() if not k.startswith(("maint_", "orig_", "himport"))}
+    pool = redis.ConnectionPool(connection_class=client.connection_pool.connection_class,
+                                **{**keep, "decode_responses": False})
+    return redis.Redis(connection_pool=pool)
 
 
 def consumer_name(tag: str = "") -> str:
@@ -169,17 +201,18 @@ class JobQueue:
     ):
         if not consumer:
             raise ValueError("consumer name must be non-empty")
-        self.r = client
+        self.r = raw_client(client)
         self.cfg = cfg_intake
         self.keys = QueueKeys(cfg_redis.prefix)
         self.consumer = consumer
         self.lease_ms = max(1, int(cfg_intake.lease_seconds * 1000))
-        self._move = client.register_script(_MOVE)
-        self._mark_queued = client.register_script(_MARK_QUEUED)
-        self._keepalive = client.register_script(_KEEPALIVE)
-        self._progress = client.register_script(_PROGRESS)
-        self._retry = client.register_script(_RETRY)
-        self._finish = client.register_script(_FINISH)
+        self._move = self.r.register_script(_MOVE)
+        self._mark_queued = self.r.register_script(_MARK_QUEUED)
+        self._keepalive = self.r.register_script(_KEEPALIVE)
+        self._progress = self.r.register_script(_PROGRESS)
+        self._retry = self.r.register_script(_RETRY)
+        self._finish = self.r.register_script(_FINISH)
+        self._duplicate = self.r.register_script(_DUPLICATE)
         self._ensure_group()
 
     # ---- setup -----------------------------------------------------------------------------
@@ -215,6 +248,8 @@ class JobQueue:
             job = parse_job(job)
         now = str(time.time())
         key = self.keys.job(job.id)
+        if _s(self.r.hget(key, "state")) in ("queued", "running"):
+            raise InvalidJob(f"job id {job.id!r} is already queued or running", job.id)
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(key)
         pipe.hset(key, mapping={"state": "queued", "entry_id": "", "url": redact_url(job.url),
@@ -260,7 +295,7 @@ class JobQueue:
                 except InvalidJob:
                     continue  # dead-lettered by whoever reads it
                 self._mark_queued(
-                    keys=[self.keys.job(job.id), self.keys.active],
+                    keys=[self.keys.job(job.id), self.keys.active, self.keys.stream],
                     args=[entry_id, redact_url(job.url), now, job.id],
                 )
             moved += len(flat) // 2
@@ -331,6 +366,15 @@ class JobQueue:
                               raw=redact_text(str(raw))[:2000])
             return None
         job.attempts, job.entry_id = attempts, entry_id
+        if self._duplicate(keys=[self.keys.job(job.id), self.keys.stream], args=[entry_id]):
+            self._dead_letter(job.id, entry_id, job.url, f"duplicate job id {job.id!r}: a job with "
+                              "this id is already queued or running (push it again once it "
+                              "has finished, or use another id)", attempts)
+            return None
+        if self.cancel_requested(job.id):
+            self._write_running(job)
+            self.finish(job, "cancelled", "cancelled before it started")
+            return None
         self._write_running(job)
         return job
 
@@ -341,9 +385,10 @@ class JobQueue:
         pipe.hset(key, mapping={
             "state": "running", "entry_id": job.entry_id, "consumer": self.consumer,
             "attempts": job.attempts, "url": redact_url(job.url), "started": now,
-            "updated": now, "clips_done": 0, "media_seconds": 0.0, "frames_sampled": 0,
-            "faces_scored": 0,
+            "updated": now,
         })
+        for name in PROGRESS_FIELDS:  # kept across redeliveries (see _PROGRESS)
+            pipe.hsetnx(key, name, 0)
         pipe.hsetnx(key, "created", now)
         pipe.hdel(key, "finished")
         pipe.zadd(self.keys.active, {job.id: float(now)}, nx=True)
@@ -375,6 +420,8 @@ class JobQueue:
         if raw is not None:
             record["raw"] = raw
         flat = [x for pair in record.items() for x in pair]
+        # A duplicate id's record belongs to the other delivery: the finish script only
+        # touches a record whose entry_id is this entry's.
         done = self._run_finish(job_id, entry_id, "failed", reason, attempts, flat, owner=True)
         if done:
             log.warning("job %s dead-lettered after %d attempt(s): %s", job_id, attempts, reason)
@@ -408,9 +455,31 @@ class JobQueue:
         return bool(self._progress(keys=[self.keys.job(job.id)],
                                    args=[entry, self.consumer, str(time.time()), *flat]))
 
-    def complete(self, job: Job) -> bool:
-        """Ack the job as done. False if it was no longer pending (already finished elsewhere)."""
+    def complete(self, job: Job, clips_failed: int = 0) -> bool:
+        """Ack the job as done, or `partial` when some clips could not be scored (their
+        verdicts say `error`). False if it was no longer pending (finished elsewhere)."""
+        if clips_failed:
+            self.r.hset(self.keys.job(job.id), "clips_failed", clips_failed)
+            return self.finish(job, "partial", f"{clips_failed} clip(s) could not be scored")
         return self._run_finish(job.id, _claimed(job), "done", "", job.attempts, [], owner=False)
+
+    def finish(self, job: Job, state: str, note: str) -> bool:
+        """End a claimed job in a final state other than done/failed (`partial`, `cancelled`)."""
+        return self._run_finish(job.id, _claimed(job), state, note, job.attempts, [], owner=False)
+
+    def cancel(self, job_id: str) -> Optional[str]:
+        """Ask for a job to stop (queued, running or live); returns its state, None if unknown.
+        A running job stops within a lease renewal (`lease_seconds / 3`) and ends `cancelled`."""
+        key = self.keys.job(job_id)
+        state = _s(self.r.hget(key, "state"))
+        if state is None:
+            return None
+        if state in ("queued", "running"):
+            self.r.hset(key, "cancel_requested", str(time.time()))
+        return state
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.r.hexists(self.keys.job(job_id), "cancel_requested"))
 
     def fail(self, job: Job, reason: str, retry: bool = True) -> bool:
         """Record a failed attempt. With `retry` and attempts left, any consumer may take it
@@ -481,20 +550,31 @@ class Lease:
     """Keeps a claimed job's lease alive from a daemon thread every ``lease_seconds / 3``.
 
     ``with Lease(queue, job) as lease: ... if lease.lost: stop``. `lost` turns True when another
-    consumer took the job over; transient Redis errors are logged and retried.
+    consumer took the job over, `cancelled` when someone asked for the job to stop (`pel
+    cancel`); either sets `stop_event`, as does `also` (e.g. the worker's shutdown) when set.
+    Transient Redis errors are logged and retried.
     """
 
-    def __init__(self, queue: JobQueue, job: Job, interval_s: Optional[float] = None):
+    def __init__(self, queue: JobQueue, job: Job, interval_s: Optional[float] = None,
+                 stop_event: Optional[threading.Event] = None,
+                 also: Optional[threading.Event] = None):
         self.queue = queue
         self.job = job
         self.interval_s = interval_s or queue.cfg.lease_seconds / 3
+        self.stop_event = stop_event
+        self.also = also
         self._stop = threading.Event()
         self._lost = threading.Event()
+        self._cancelled = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     @property
     def lost(self) -> bool:
         return self._lost.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
 
     def start(self) -> "Lease":
         if self._thread is None:
@@ -504,12 +584,28 @@ class Lease:
             self._thread.start()
         return self
 
+    def _signal(self, flag: threading.Event) -> None:
+        flag.set()
+        if self.stop_event is not None:
+            self.stop_event.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        tick = min(self.interval_s, 0.5)  # notice shutdown quickly; renew every interval_s
+        last = time.monotonic()
+        while not self._stop.wait(tick):
+            if self.also is not None and self.also.is_set() and self.stop_event is not None:
+                self.stop_event.set()
+            if time.monotonic() - last < self.interval_s:
+                continue
+            last = time.monotonic()
             try:
                 if not self.queue.keepalive(self.job):
                     log.warning("lease on job %s lost to another consumer", self.job.id)
-                    self._lost.set()
+                    self._signal(self._lost)
+                    return
+                if self.queue.cancel_requested(self.job.id):
+                    log.info("job %s cancelled by request", self.job.id)
+                    self._signal(self._cancelled)
                     return
             except redis.RedisError as exc:
                 log.warning("keepalive for job %s failed (will retry): %s", self.job.id, exc)

@@ -198,6 +198,19 @@ def _answers_ping(url: str) -> bool:
         client.close()
 
 
+def ensure_embedded_redis(cfg: RedisConfig) -> bool:
+    """Restart the embedded server (same port, data directory and append-only file, so queued
+    jobs and verdicts survive) when it no longer answers; True when it was restarted. For an
+    external Redis (`cfg.url` set) this does nothing: supervising it is the operator's job."""
+    if cfg.url:
+        return False
+    if _answers_ping(f"redis://127.0.0.1:{cfg.embedded_port}/0"):
+        return False
+    log.warning("the embedded redis-server on port %d is down: restarting it", cfg.embedded_port)
+    resolve_redis_url(cfg)
+    return True
+
+
 def resolve_redis_url(cfg: RedisConfig) -> str:
     """``cfg.url``, or the embedded server on ``cfg.embedded_port`` (reused when one already
     answers there, e.g. left by an earlier run; else started with an append-only file in
@@ -211,6 +224,8 @@ def resolve_redis_url(cfg: RedisConfig) -> str:
             log.warning("redis.url is not set: using the embedded redis-server already at %s", url)
             return url
         data_dir = Path(cfg.embedded_dir).expanduser()
+        if _singleton is not None:  # it died: reap it before starting a new one on its port
+            _singleton._terminate()
         url, _singleton = start_embedded_redis(cfg.embedded_port, data_dir, appendonly=True)
         log.warning(
             "redis.url is not set: started an EMBEDDED redis-server (%s) at %s, data in %s. "

@@ -22,17 +22,17 @@ from .jobs import Job
 from .metrics import metrics
 from .pipeline import Hooks, ModelInfo, run_job
 from .queue import JobQueue, Lease, consumer_name
+from .redact import install_log_redaction, redact_text
 from .urls import UrlRejected
 from .verdicts import VerdictStore
 
 log = logging.getLogger(__name__)
-# Failures that a later attempt may not repeat; the rest are final at once.
-TRANSIENT_REASONS = {"unreachable", "stalled", "reconnects_exhausted"}
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class StreamWorker:
     def __init__(self, cfg: dict, redis_url: str, detector, worker_index: int = 0):
+        install_log_redaction()  # stream URLs carry credentials; FFmpeg echoes them
         self.cfg = AppConfig.model_validate(cfg)
         self.redis = redis.Redis.from_url(redis_url)
         self.queue = JobQueue(self.redis, self.cfg.redis, self.cfg.intake,
@@ -63,8 +63,8 @@ class StreamWorker:
         while not self.stop.is_set():
             try:
                 job = self.queue.claim(self.cfg.intake.poll_block_ms)
-            except redis.RedisError as exc:
-                log.warning("claim failed: %s", exc)
+            except Exception as exc:  # Redis down, or anything else: this thread must live on
+                log.warning("claim failed (%s): %s", type(exc).__name__, exc)
                 time.sleep(1.0)
                 continue
             if job is not None:
@@ -81,6 +81,7 @@ class StreamWorker:
             if new:  # replays overwrite and are not counted twice
                 m.clip(verdict["label"], verdict["model"], verdict["fake_probability"],
                        time.time() - clip_ready)
+                m.faces_skipped(verdict.get("faces_skipped", 0))
 
         return Hooks(on_decoded=lambda n: m.frames("decoded", n),
                      on_dropped=lambda n: m.frames("dropped", n),
@@ -92,16 +93,24 @@ class StreamWorker:
             self.metrics.redelivery()
         self.active[job.id] = job.url
         self.metrics.set_active_streams(len(self.active))
-        lease = Lease(self.queue, job).start()
+        job_stop = threading.Event()  # set by shutdown, a lost lease or a cancel request
+        lease = Lease(self.queue, job, stop_event=job_stop, also=self.stop).start()
         try:
-            run_job(job, self.cfg, self.faces, self.info, self.detector.remote, self._hooks(),
-                    stop=self.stop, progress=lambda **p: self.queue.progress(job, **p))
-            if self.stop.is_set() or lease.lost:
+            totals = run_job(job, self.cfg, self.faces, self.info, self.detector.remote,
+                             self._hooks(), stop=job_stop,
+                             progress=lambda **p: self.queue.progress(job, **p))
+            if lease.cancelled:
+                self.queue.finish(job, "cancelled", "cancelled by request")
+            elif self.stop.is_set() or lease.lost:
                 return  # left pending: redelivered after the lease
-            self.queue.complete(job)
+            else:
+                self.queue.complete(job, clips_failed=totals.clips_failed)
         except (StreamError, UrlRejected) as exc:
             err = exc if isinstance(exc, StreamError) else classify_error(exc)
-            self._failed(job, str(err), err.reason in TRANSIENT_REASONS, err.reason)
+            if lease.cancelled:
+                self.queue.finish(job, "cancelled", "cancelled by request")
+            else:
+                self._failed(job, str(err), err.transient, err.reason)
         except Exception as exc:
             log.exception("job %s failed", job.id)
             self._failed(job, f"internal: {type(exc).__name__}: {exc}", True, "internal")
@@ -113,4 +122,4 @@ class StreamWorker:
     def _failed(self, job: Job, message: str, retry: bool, reason: str) -> None:
         # Dead letters are counted by the Moderator from the dead-letter stream (all causes).
         self.metrics.stream_error(reason)
-        self.queue.fail(job, message[:1000], retry=retry)
+        self.queue.fail(job, redact_text(message)[:1000], retry=retry)

@@ -5,13 +5,20 @@ and refuses non-public addresses (SSRF), and returns a `ResolvedSource` carrying
 `protocol_whitelist` / `format_whitelist` that keep FFmpeg from following nested protocols
 (`file:` segments inside an HLS playlist, `concat:`, `subfile:`, `data:`...).
 
-Residual risks, by design of FFmpeg:
-- DNS rebinding: FFmpeg resolves the host again when it connects, so a hostile DNS server can
-  answer a public address to us and a private one to FFmpeg. Pin hosts with `allowed_hosts` (or
-  an egress firewall) where that matters; we re-check on every reconnect.
-- HLS playlists name segment URLs on any host; FFmpeg opens them directly (only the protocol
-  whitelist applies), so a public playlist can point segments at internal HTTP services.
-  Disable "hls" in `allowed_schemes` or use `allowed_hosts` plus egress filtering if needed.
+After this first check, every HTTP(S) connection FFmpeg makes (redirects, HLS playlists,
+segments and keys, reconnects) goes through the egress guard (`workers.egress_guard`), which
+vets each target with `vet_host` at connect time and connects to the address it vetted: no
+redirect, playlist or DNS answer can take FFmpeg to an address this policy refuses.
+
+Residual risks (also in the README's security section):
+- RTSP and RTMP do not go through the guard: FFmpeg resolves their host again when it
+  connects (DNS rebinding window of milliseconds), follows RTSP redirects itself, and RTSP may
+  negotiate RTP over UDP from other addresses. Use `allowed_hosts` for cameras, or leave
+  `rtsp`/`rtmp` out of `allowed_schemes`, where that matters.
+- TLS certificates are not verified by PyAV's FFmpeg (its default); a network attacker between
+  the worker and a stream host can substitute media. That affects verdicts, not reachability.
+- The guard sees hosts and ports, not what a public server returns: a public host may still
+  serve hostile media (the decoder's own robustness applies).
 """
 from __future__ import annotations
 
@@ -20,11 +27,11 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 from pel_model.config import UrlPolicyConfig
-from workers.jobs import redact_url as redact  # one redaction rule for the whole service
+from workers.redact import redact_text, redact_url as redact  # one rule for the whole service
 
 # The FFmpeg protocols each accepted scheme may use, nested protocols included.
 PROTOCOL_WHITELISTS = {
@@ -37,6 +44,7 @@ PROTOCOL_WHITELISTS = {
 # Demuxers we accept (FFmpeg `format_whitelist`); keeps e.g. concat, image2, tty out of reach.
 _DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,mpegts,flv,live_flv,matroska,webm,rtsp,rtp,sdp,h264,hevc"
 _LIVE_SCHEMES = {"rtmp", "rtsp"}
+DEFAULT_PORTS = {"http": 80, "https": 443, "rtmp": 1935, "rtsp": 554}
 _SAFE_URL = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces or controls
 
 
@@ -44,7 +52,7 @@ class UrlRejected(ValueError):
     """The URL is not allowed by the policy. `reason` is a short machine-readable code."""
 
     def __init__(self, reason: str, message: str):
-        super().__init__(message)
+        super().__init__(redact_text(message))
         self.reason = reason
 
 
@@ -115,11 +123,31 @@ def _check_file(raw: str, path_text: str, policy: UrlPolicyConfig) -> ResolvedSo
 def _resolve(host: str, port: int) -> tuple[str, ...]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
+    except (socket.gaierror, UnicodeError, OSError) as exc:
         raise UrlRejected("dns", f"cannot resolve host {host!r}: {exc}") from exc
     addresses = tuple(dict.fromkeys(info[4][0] for info in infos))
     if not addresses:
         raise UrlRejected("dns", f"host {host!r} has no addresses")
+    return addresses
+
+
+def vet_host(host: str, port: int, policy: UrlPolicyConfig,
+             resolve: Callable[[str, int], tuple[str, ...]] = _resolve) -> tuple[str, ...]:
+    """The addresses `host:port` may be reached at under `policy` (host allow-list, then every
+    resolved address public or in `allowed_networks`); raises UrlRejected. Used for the job's
+    URL and, by the egress guard, for every connection FFmpeg makes after it."""
+    host = host.lower().rstrip(".")
+    if not host:
+        raise UrlRejected("syntax", "no host")
+    if policy.allowed_hosts is not None and not host_allowed(host, policy.allowed_hosts):
+        raise UrlRejected("host", f"host {host!r} is not in allowed_hosts")
+    addresses = resolve(host, port)
+    if not policy.allow_private_addresses:
+        networks = [ipaddress.ip_network(n, strict=False) for n in policy.allowed_networks]
+        for text in addresses:
+            ip = ipaddress.ip_address(text.split("%", 1)[0])
+            if not is_public_address(ip) and not any(ip in n for n in networks):
+                raise UrlRejected("address", f"host {host!r} resolves to non-public address {ip}")
     return addresses
 
 
@@ -151,15 +179,7 @@ def check_url(url: str, policy: UrlPolicyConfig) -> ResolvedSource:
     host = (parts.hostname or "").rstrip(".")
     if not host:
         raise UrlRejected("syntax", f"no host in {redact(url)!r}")
-    if policy.allowed_hosts is not None and not host_allowed(host, policy.allowed_hosts):
-        raise UrlRejected("host", f"host {host!r} is not in allowed_hosts")
-    default_port = {"http": 80, "https": 443, "rtmp": 1935, "rtsp": 554}[scheme]
-    addresses = _resolve(host, port or default_port)
-    if not policy.allow_private_addresses:
-        for text in addresses:
-            ip = ipaddress.ip_address(text.split("%", 1)[0])
-            if not is_public_address(ip):
-                raise UrlRejected("address", f"host {host!r} resolves to non-public address {ip}")
+    addresses = vet_host(host, port or DEFAULT_PORTS[scheme], policy)
     demuxers = _DEMUXERS + (",hls" if "hls" in policy.allowed_schemes else "")
     return ResolvedSource(
         url=url, scheme=scheme, protocol_whitelist=PROTOCOL_WHITELISTS[scheme],

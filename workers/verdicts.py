@@ -23,7 +23,7 @@ import redis
 from pel_model.config import RedisConfig
 from workers.jobs import redact_url
 
-LABELS = frozenset({"fake", "real", "no_face", "error"})
+LABELS = frozenset({"fake", "real", "no_face", "error", "gap", "untrained"})
 REQUIRED_KEYS = (
     "job_id", "url", "clip_index", "start_s", "end_s", "frames_sampled", "faces_scored",
     "fake_probability", "label", "threshold", "model", "top_frames", "latency_s", "warnings",
