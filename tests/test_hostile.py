@@ -267,6 +267,18 @@ def test_credentials_never_reach_errors_or_logs(media, caplog):
     no_secret(redact_text(f"Server returned 404: 'rtsp://admin:{SECRET}@cam/1?auth=tok3n'"))
 
 
+@pytest.mark.timeout(30)  # the quadratic patterns took minutes on these; linear ones take ms
+@pytest.mark.parametrize("text", ["[" * 200_000, "key" * 70_000, "a:" * 100_000 + "@h",
+                                  "http://" + "a" * 200_000, "x " * 100_000])
+def test_redaction_of_hostile_text_is_bounded(text):
+    # Poison-pill payloads are redacted into dead letters and logs while the worker's lease
+    # thread waits for the GIL: redaction must stay linear and its output capped.
+    out = redact_text(f"http://u:{SECRET}@h/?token={SECRET} " + text)
+    assert len(out) <= 20_100 and SECRET not in out
+    tail = "a " * 9_990 + f"user:{SECRET}@host.example" + " b" * 100  # cut inside a secret
+    assert SECRET[:4] not in redact_text(tail)
+
+
 # ----------------------------------------------------------------------------- hostile servers
 def test_endless_redirects_huge_headers_and_slow_loris_end_cleanly(media):
     body = (media / "hls" / "index.m3u8").read_bytes()

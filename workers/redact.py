@@ -15,10 +15,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 REDACTED = "REDACTED"
 _SECRET_NAME = r"token|secret|passw|pwd|sig|key|auth|credential|session|jwt|cookie|access|private"
 _SECRET_PARAM_RE = re.compile(_SECRET_NAME, re.I)
-_URL_IN_TEXT_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s\"'<>]+")
+# Quantifiers are bounded and texts capped (`MAX_TEXT`) so that hostile input (a 50 KB payload
+# of one character) costs linear time: the regex engine holds the GIL while it matches.
+_URL_IN_TEXT_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]{0,31}://[^\s\"'<>]{1,4096}")
 # name=value outside URLs, e.g. FFmpeg echoing a query string or a header
-_PAIR_IN_TEXT_RE = re.compile(r"((?:[\w.\-]*(?:%s)[\w.\-]*)\s*[=:]\s*)([^\s&\"'<>,;]+)" % _SECRET_NAME, re.I)
-_USERINFO_RE = re.compile(r"(?<![\w/])[^\s/@:\"'<>]+:[^\s/@\"'<>]*@(?=[\w.\-\[])")
+_PAIR_IN_TEXT_RE = re.compile(
+    r"((?<![\w.\-])(?:[\w.\-]{0,128}?(?:%s)[\w.\-]{0,128})\s{0,8}[=:]\s{0,8})([^\s&\"'<>,;]{1,4096})" % _SECRET_NAME, re.I)
+_USERINFO_RE = re.compile(r"(?<![\w/])[^\s/@:\"'<>]{1,256}:[^\s/@\"'<>]{0,256}@(?=[\w.\-\[])")
+MAX_TEXT = 20_000  # longer texts are cut (at a token boundary) before redaction
 
 
 def redact_url(url: str) -> str:
@@ -50,12 +54,25 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def _cap(text: str) -> str:
+    """At most MAX_TEXT characters; a cut drops the token it falls in (no half secret stays)."""
+    if len(text) <= MAX_TEXT:
+        return text
+    head = text[:MAX_TEXT]
+    cut = max(head.rfind(c) for c in " \n\t")
+    head = head[:cut] if cut > MAX_TEXT - 4096 else head[:MAX_TEXT - 4096]
+    return head + f" [{len(text) - len(head)} characters cut]"
+
+
 def redact_text(text: object) -> str:
     """`text` with every URL redacted, secret-looking `name=value` pairs masked and stray
     `user:password@` prefixes dropped (see module doc)."""
-    text = _URL_IN_TEXT_RE.sub(lambda m: redact_url(m.group(0)), str(text))
-    text = _PAIR_IN_TEXT_RE.sub(lambda m: m.group(1) + REDACTED, text)
-    return _USERINFO_RE.sub("", text)
+    text = _cap(str(text))
+    if "://" in text:
+        text = _URL_IN_TEXT_RE.sub(lambda m: redact_url(m.group(0)), text)
+    if _SECRET_PARAM_RE.search(text):
+        text = _PAIR_IN_TEXT_RE.sub(lambda m: m.group(1) + REDACTED, text)
+    return _USERINFO_RE.sub("", text) if "@" in text else text
 
 
 def _redact_record(record: logging.LogRecord) -> logging.LogRecord:
