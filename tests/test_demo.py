@@ -40,6 +40,7 @@ def test_demo_runs_serve_run_on_embedded_defaults(tmp_path):
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         report = json.loads(out.stdout[out.stdout.index("{\n"):])
         assert report["job"]["state"] == "done"
+        assert "TaskCancelledError" not in out.stderr  # polling the status cancels nothing
         clips = report["clips"]
         assert len(clips) == 1 and clips[0]["faces_scored"] >= clips[0]["frames_sampled"] >= 5
         clip = clips[0]
