@@ -128,7 +128,7 @@ def test_jobs_over_http_hls_and_file_yield_clips_with_faces(service, media):
             assert c["faces_scored"] >= c["frames_sampled"] >= 2, c  # a face in every frame
             assert c["label"] in ("real", "fake") and 0 <= c["fake_probability"] <= 1
             assert c["model"].startswith("pel-efficientnet_b0-224@")
-                assert not any("never trained" in w for w in c["warnings"])  # trained=True
+            assert not any("never trained" in w for w in c["warnings"])  # trained=True
             box = c["top_frames"][0]["box"]
             assert 150 < (box[0] + box[2]) / 2 < 500 and box[2] - box[0] > 40
         assert states[job_id]["clips_done"] == 3 and states[job_id]["faces_scored"] >= 10
