@@ -35,8 +35,8 @@ def test_demo_runs_serve_run_on_embedded_defaults(tmp_path):
     env.pop("RAY_ADDRESS", None)
     try:
         out = subprocess.run([str(Path(sys.executable).with_name("pel")), "demo", "--config",
-                              str(cfg_path), "--seconds", "3", "--timeout", "420"],
-                             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+                              str(cfg_path), "--seconds", "3", "--timeout", "600"],
+                             capture_output=True, text=True, timeout=780, env=env, cwd=tmp_path)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         report = json.loads(out.stdout[out.stdout.index("{\n"):])
         assert report["job"]["state"] == "done"
