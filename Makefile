@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install system-deps demo test bench clean
+.PHONY: install artifacts system-deps demo test bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg redis-server prometheus >/dev/null; \
 	fi
 
-demo: install
+# The shipped model's ONNX export, where replicas load it (they then start in seconds).
+artifacts: install
+	$(BIN)/pel export --for-service
+
+demo: artifacts
 	$(BIN)/pel demo
 
 test: install system-deps

@@ -10,14 +10,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .pel import PEL, resolve_config
+
+if TYPE_CHECKING:  # reading metadata (all that ONNX serving needs) imports no torch
+    import torch
+
+    from .pel import PEL
 
 FORMAT_VERSION = 1
 _KEY = "pel"
@@ -53,7 +55,11 @@ class CheckpointMeta:
         return cls(**d)
 
 
-def save_checkpoint(path: str | Path, model: PEL, meta: CheckpointMeta) -> Path:
+def save_checkpoint(path: str | Path, model: "PEL", meta: CheckpointMeta) -> Path:
+    from safetensors.torch import save_file
+
+    from .pel import resolve_config
+
     path = Path(path)
     if resolve_config(meta.model) != model.cfg:
         raise CheckpointError("metadata model config differs from the model's own config")
@@ -68,7 +74,7 @@ def save_checkpoint(path: str | Path, model: PEL, meta: CheckpointMeta) -> Path:
 
 def read_meta(path: str | Path) -> CheckpointMeta:
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             raw = (f.metadata() or {}).get(_KEY)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
@@ -79,7 +85,11 @@ def read_meta(path: str | Path) -> CheckpointMeta:
     return CheckpointMeta.from_json(raw)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[PEL, CheckpointMeta]:
+def load_checkpoint(path: str | Path, device: "str | torch.device" = "cpu") -> "tuple[PEL, CheckpointMeta]":
+    from safetensors.torch import load_file
+
+    from .pel import PEL
+
     meta = read_meta(path)
     model = PEL(meta.model, load_pretrained=False)
     state = load_file(str(path), device=str(device))

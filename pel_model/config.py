@@ -174,9 +174,14 @@ class DetectorConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
     num_gpus: Optional[float] = Field(None, ge=0)  # None: 1 per replica if the cluster has GPUs
     num_cpus: float = Field(0.5, gt=0)
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int = Field(32, ge=1)  # faces merged from concurrent requests per model call
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
+    # CPU profile (a replica without a GPU): faces per model call (per-face speed is flat beyond
+    # ~8 on CPU while activation memory grows with the batch) and ONNX Runtime intra-op threads
+    # (null: num_cpus rounded up; see pel_model.scorer.cpu_threads).
+    cpu_batch_size: int = Field(8, ge=1)
+    threads: Optional[int] = Field(None, ge=1)
     artifacts_dir: Path = Path("~/.cache/pel-moderation")
     threshold: Optional[float] = Field(None, gt=0, lt=1)  # overrides the checkpoint's
     # INT8 calibration data: a folder of face crop images, or a `pel prepare` output folder

@@ -9,16 +9,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import onnx
-import torch
+from typing import TYPE_CHECKING
 
-from .pel import PEL
+if TYPE_CHECKING:
+    from .pel import PEL
 
 log = logging.getLogger(__name__)
 INPUT_NAME, OUTPUT_NAME = "crops", "logits"
 
 
-def export_onnx(model: PEL, path: str | Path, opset: int = 18, example_batch: int = 2) -> Path:
+def export_onnx(model: "PEL", path: str | Path, opset: int = 18, example_batch: int = 2) -> Path:
+    import onnx  # imported here: serving a cached export needs neither (nor their memory)
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().float().cpu()

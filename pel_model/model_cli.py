@@ -18,7 +18,7 @@ def _profile(text: str) -> tuple[int, int, int]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, read_meta
     from .export import export_onnx
     from .quantize import convert_fp16, load_calibration_crops, quantize_int8
 
@@ -26,11 +26,18 @@ def _export(args: argparse.Namespace) -> int:
     if precision == "int8" and args.calibration_dir is None:
         raise ValueError("--precision int8 needs --calibration-dir: a `pel prepare` output "
                          "(its val split) or a folder of face crop images")
-    model, meta = load_checkpoint(args.checkpoint)
+    from .config import DetectorConfig
+    from .scorer import onnx_artifact
+
+    if args.for_service:  # where replicas look for it: they then start without exporting
+        out = onnx_artifact(DetectorConfig(checkpoint=args.checkpoint, artifacts_dir=args.artifacts_dir))
+    else:
+        out = Path(args.output or Path(args.checkpoint).with_suffix(".onnx"))
+    meta = read_meta(args.checkpoint)
     size = meta.model.input_size
     calib = load_calibration_crops(args.calibration_dir, size) if precision == "int8" else None
-    out = Path(args.output or Path(args.checkpoint).with_suffix(".onnx"))
-    export_onnx(model, out)
+    if not (args.for_service and out.exists()):  # cached under the checkpoint's digest
+        export_onnx(load_checkpoint(args.checkpoint)[0], out)
     result = {"onnx": str(out), "backbone": meta.model.backbone, "input_size": size}
     if precision == "fp16":
         result["onnx_fp16"] = str(convert_fp16(out, out.with_suffix(".fp16.onnx")))
@@ -39,8 +46,6 @@ def _export(args: argparse.Namespace) -> int:
                                                 keep_float=args.int8_keep_float))
     if args.trt:  # built where the service looks for it (same ONNX file, same cache key)
         from .backends.tensorrt_backend import build_engine
-        from .config import DetectorConfig
-        from .scorer import onnx_artifact
 
         served = onnx_artifact(DetectorConfig(checkpoint=args.checkpoint, model=meta.model,
                                               artifacts_dir=args.artifacts_dir))
@@ -62,11 +67,15 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from .config import DetectorConfig
+    from .config import DEFAULT_CHECKPOINT, DetectorConfig
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX (FP16/INT8 graphs, TensorRT with --trt)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="a trained checkpoint (default: the shipped model)")
     p.add_argument("-o", "--output", help="ONNX path (default: beside the checkpoint)")
+    p.add_argument("--for-service", action="store_true",
+                   help="write the ONNX where the service's replicas load it (--artifacts-dir), "
+                        "so they start in seconds instead of exporting at start")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"],
                    help="also write this precision's graph (<output>.fp16.onnx or the Q/DQ "
                         "<output>.int8.onnx); with --trt, the engine's precision (default fp16)")

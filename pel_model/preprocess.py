@@ -6,16 +6,18 @@ sees the raw 0-255 values (converted to YCbCr inside the network).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch stays unimported where only the contract is checked (ONNX serving)
+    import torch
 
 
 def validate_crops(crops: "torch.Tensor | np.ndarray", input_size: int) -> None:
     """Raise a clear ValueError unless `crops` is uint8 (N, input_size, input_size, 3) with N >= 1."""
     dtype = crops.dtype
-    if dtype not in (torch.uint8, np.uint8):
+    if str(dtype) not in ("uint8", "torch.uint8"):
         raise ValueError(f"face crops must be uint8 RGB, got dtype {dtype}")
     shape = tuple(crops.shape)
     if len(shape) != 4 or shape[-1] != 3:
@@ -28,9 +30,12 @@ def validate_crops(crops: "torch.Tensor | np.ndarray", input_size: int) -> None:
         )
 
 
-def normalize(crops: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def normalize(crops: "torch.Tensor", mean: Sequence[float], std: Sequence[float],
+              dtype: "torch.dtype | None" = None) -> "tuple[torch.Tensor, torch.Tensor]":
     """uint8 (N, S, S, 3) -> (normalised RGB, RGB in 0-255), both (N, 3, S, S) channels-last."""
+    import torch
+
+    dtype = dtype or torch.float32
     rgb255 = crops.permute(0, 3, 1, 2).to(dtype)
     m = torch.tensor(mean, dtype=dtype, device=crops.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=dtype, device=crops.device).view(1, 3, 1, 1)

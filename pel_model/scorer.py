@@ -6,20 +6,19 @@ and carried in `warnings`, which the service copies into every verdict.
 """
 from __future__ import annotations
 
-import logging
 import hashlib
+import logging
+import math
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 from scipy.special import expit
-import timm
-import torch
 
-from .backends import Backend, create_backend
+from .backends import Backend, create_backend, default_device
 from .checkpoint import CheckpointMeta, file_digest, load_checkpoint, read_meta
-from .config import DEFAULT_CHECKPOINT, DetectorConfig
-from .pel import PEL
+from .config import DEFAULT_CHECKPOINT, DetectorConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +51,31 @@ def onnx_artifact(cfg: DetectorConfig, checkpoint_digest: str | None = None) -> 
     artifacts = Path(cfg.artifacts_dir).expanduser()
     if cfg.checkpoint is not None:
         return artifacts / f"pel-{checkpoint_digest or file_digest(cfg.checkpoint)}.onnx"
-    key = f"{cfg.model.model_dump_json()}|{torch.__version__}|{timm.__version__}"
+    key = f"{cfg.model.model_dump_json()}|{version('torch')}|{version('timm')}"
     return artifacts / f"pel-untrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.onnx"
+
+
+def cpu_threads(cfg: DetectorConfig) -> int:
+    """The CPU profile's thread rule: ONNX Runtime gets the replica's own CPU budget
+    (`detector.threads`, else `num_cpus` rounded up), never every core of the node, so inference
+    does not fight the stream workers' decode and face-detection threads."""
+    return cfg.threads or max(1, math.ceil(cfg.num_cpus - 1e-9))
+
+
+def untrained_network(model: ModelConfig):
+    """The untrained network of `model`, with deterministic random weights."""
+    import torch
+
+    from .pel import PEL
+
+    torch.manual_seed(0)
+    return PEL(model, load_pretrained=False)
+
+
+def resolved_config(model: ModelConfig) -> ModelConfig:
+    """`model` with its normalisation resolved as the network would (without building it)."""
+    from .pel import resolve_config
+    return resolve_config(model)
 
 
 def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
@@ -69,9 +91,8 @@ def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
         model = lambda: load_checkpoint(path)[0]  # noqa: E731  (built only if a backend needs it)
         tag = file_digest(cfg.checkpoint)
     else:
-        torch.manual_seed(0)  # deterministic random weights
-        model = PEL(cfg.model, load_pretrained=False)
-        meta, tag = CheckpointMeta(model=model.cfg), "untrained"
+        model = lambda: untrained_network(cfg.model)  # noqa: E731
+        meta, tag = CheckpointMeta(model=resolved_config(cfg.model)), "untrained"
     onnx_path = onnx_artifact(cfg, tag if cfg.checkpoint is not None else None)
     warnings = []
     if not meta.trained:
@@ -80,11 +101,13 @@ def load_scorer(cfg: DetectorConfig, device: str | None = None) -> Scorer:
         warnings.append("model was never calibrated: probabilities and threshold are uncalibrated")
     for w in warnings:
         log.warning("PEL MODEL WARNING: %s (checkpoint: %s)", w, cfg.checkpoint or "none configured")
+    device = device or default_device()
     backend = create_backend(model, cfg.backend, device, cfg.precision, onnx_path,
                              compile=cfg.compile, trt_profile=cfg.tensorrt_profile,
                              calibration_dir=cfg.calibration_dir,
                              int8_keep_float=cfg.int8_keep_float,
-                             input_size=meta.model.input_size)
+                             input_size=meta.model.input_size,
+                             threads=cpu_threads(cfg) if device == "cpu" else None)
     threshold = cfg.threshold if cfg.threshold is not None else meta.threshold
     m = meta.model
     model_id = f"pel-{m.backbone}-{m.input_size}@{tag}+{backend.describe()}"  # a metrics label: no "/"

@@ -1,8 +1,10 @@
 """The detector: a thin Ray Serve deployment around `pel_model.scorer.Scorer`.
 
 Callers send uint8 crop batches (N, S, S, 3); `@serve.batch` merges concurrent requests from all
-streams, and the merged crops run in model batches of at most `max_batch_size` faces (batching
-by faces, not by requests). `max_ongoing_requests` is set above the batch size, since it caps
+streams, and the merged crops run in model batches of at most `max_batch_size` faces on a GPU,
+`cpu_batch_size` on CPU (batching by faces, not by requests). A CPU replica imports no PyTorch
+and loads the cached ONNX export (`pel export --for-service` makes it ahead), so it starts in
+seconds and holds well under 1 GB (see docs/benchmarks.md). `max_ongoing_requests` is set above the batch size, since it caps
 what `@serve.batch` can merge. Inference runs in a thread so the replica's event loop (and its
 health checks) never blocks.
 """
@@ -27,9 +29,14 @@ log = logging.getLogger(__name__)
 @serve.deployment(name="PELDetector")
 class PELDetector:
     def __init__(self, detector: dict):
+        t0 = time.perf_counter()
         cfg = DetectorConfig.model_validate(detector)
         self.scorer = load_scorer(cfg)
-        self.max_batch = cfg.max_batch_size
+        cpu = self.scorer.backend.device == "cpu"
+        self.max_batch = cfg.cpu_batch_size if cpu else cfg.max_batch_size
+        self.started_s = time.perf_counter() - t0
+        log.info("PELDetector ready in %.1f s (%s, model batch %d)", self.started_s,
+                 self.scorer.backend.describe(), self.max_batch)
         self.score.set_max_batch_size(cfg.max_batch_size)
         self.score.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.metrics = metrics()
@@ -40,7 +47,8 @@ class PELDetector:
         s = self.scorer
         return {"input_size": s.input_size, "threshold": s.threshold, "model_id": s.model_id,
                 "warnings": list(s.warnings), "backend": s.backend.describe(),
-                "trained": s.meta.trained}
+                "trained": s.meta.trained, "model_batch": self.max_batch,
+                "started_s": round(self.started_s, 2)}
 
     def _infer(self, crops: np.ndarray) -> np.ndarray:
         out = []

@@ -1,34 +1,32 @@
 """One job, from URL to verdicts: the path every frame takes.
 
-    check_url -> iter_sampled_frames (PyAV, sampled by media time) -> clip_windows
-      -> detect_clip (CenterFace + the training crop) -> detector requests of up to
-         `crops_per_request` crops (the Serve deployment merges them across streams; retried
-         while a replica restarts)
-      -> make_verdict -> callback (the stream worker stores it and counts it)
+    check_url -> iter_sampled_frames (PyAV, sampled by media time)
+      -> detect_frames (CenterFace + the training crop as each frame arrives; the frame's
+         pixels are dropped, its crops go to the detector in requests of up to
+         `crops_per_request`, merged across streams by the Serve deployment)
+      -> clip_windows -> score_clip (collects the clip's scores; retried while a replica
+         restarts) -> make_verdict -> callback (the stream worker stores it and counts it)
 
-Requests for a clip are sent as crops accumulate, so decoding and face detection of later
-frames overlap with inference of earlier ones.
+Decoding, face detection and inference overlap: while the detector scores a request, the next
+frames are decoded (in the decoder's thread) and searched for faces (in the job's thread).
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from pel_model.config import AppConfig
-from pel_model.faces import FaceDetector, extract_faces_counted
+from pel_model.faces import FaceDetector
 
 from .decode import Clip, clip_windows, iter_sampled_frames
+from .frame_faces import Pending, detect_frames
 from .jobs import Job, redact_url
 from .urls import check_url
 from .verdict import ScoredFace, make_verdict
-
-
-class Pending(Protocol):
-    def result(self, timeout_s: Optional[float] = None) -> Any: ...
 
 
 @dataclass
@@ -51,29 +49,6 @@ class Hooks:
     on_verdict: Optional[Callable[[dict, float], None]] = None  # (verdict, clip end wall time)
 
 
-def detect_clip(clip: Clip, faces: FaceDetector, cfg: AppConfig, size: int,
-                send: Optional[Callable[[np.ndarray], None]] = None
-                ) -> tuple[list[np.ndarray], list[tuple[float, Any]], int]:
-    """(crops, (time, face) of each crop, faces found beyond max_faces_per_frame). With
-    `send`, every `crops_per_request` new crops are handed over as they accumulate, so the
-    detector works on earlier frames while later ones are decoded and searched."""
-    crops: list[np.ndarray] = []
-    meta: list[tuple[float, Any]] = []
-    skipped, sent = 0, 0
-    for frame in clip.frames:
-        found, extra = extract_faces_counted(frame.rgb, faces, cfg.faces, size)
-        skipped += extra
-        for face, crop in found:
-            crops.append(crop)
-            meta.append((frame.pts_s, face))
-            if send and len(crops) - sent >= cfg.stream.crops_per_request:
-                send(np.stack(crops[sent:]))
-                sent = len(crops)
-    if send and len(crops) > sent:
-        send(np.stack(crops[sent:]))
-    return crops, meta, skipped
-
-
 def _collect(pending: list[Pending], timeout_s: float) -> list[float]:
     return [float(s) for p in pending for s in np.asarray(p.result(timeout_s=timeout_s)).reshape(-1)]
 
@@ -91,15 +66,15 @@ def scoring_error(exc: BaseException) -> str:
     return f"the detector failed ({name})"
 
 
-def score_clip(clip: Clip, faces: FaceDetector, cfg: AppConfig, info: ModelInfo,
-               submit: Callable[[np.ndarray], Pending], stop: Optional[threading.Event] = None
-               ) -> tuple[list[ScoredFace], int]:
-    """(scored faces, faces skipped). A failed request is retried with backoff (a replica that
-    died is being restarted by Serve) for up to `stream.scoring_retry_s`; after that the last
-    error is raised."""
-    pending: list[Pending] = []
-    crops, meta, skipped = detect_clip(clip, faces, cfg, info.input_size,
-                                       lambda batch: pending.append(submit(batch)))
+def score_clip(clip: Clip, cfg: AppConfig, submit: Callable[[np.ndarray], Pending],
+               stop: Optional[threading.Event] = None) -> tuple[list[ScoredFace], int]:
+    """(scored faces, faces skipped) of a clip from `detect_frames`, whose requests are already
+    on their way. A failed request is retried with backoff (a replica that died is being
+    restarted by Serve) for up to `stream.scoring_retry_s`; after that the last error is raised."""
+    if not clip.frames:
+        return [], 0
+    req = clip.frames[0].requests
+    pending = req.pending
     timeout = cfg.stream.scoring_timeout_s
     deadline = time.monotonic() + cfg.stream.scoring_retry_s
     delay = 0.5
@@ -116,8 +91,8 @@ def score_clip(clip: Clip, faces: FaceDetector, cfg: AppConfig, info: ModelInfo,
             time.sleep(delay)
         delay = min(delay * 2, 10.0)
         n = cfg.stream.crops_per_request
-        pending = [submit(np.stack(crops[i:i + n])) for i in range(0, len(crops), n)]
-    return [ScoredFace(t, face, s) for (t, face), s in zip(meta, scores)], skipped
+        pending = [submit(np.stack(req.crops[i:i + n])) for i in range(0, len(req.crops), n)]
+    return [ScoredFace(t, face, s) for (t, face), s in zip(req.meta, scores)], req.skipped
 
 
 @dataclass
@@ -149,15 +124,16 @@ def run_job(job: Job, cfg: AppConfig, faces: FaceDetector, info: ModelInfo,
     frames = iter_sampled_frames(source, cfg.stream, fps, opts.live, stop_event=stop,
                                  on_decoded=hooks.on_decoded, on_dropped=hooks.on_dropped,
                                  on_reconnect=hooks.on_reconnect)
+    faces_found = detect_frames(frames, faces, cfg, info.input_size, clip_s, submit)
     url = redact_url(job.url)
     totals = JobTotals()
-    for clip in clip_windows(frames, clip_s, fps):
+    for clip in clip_windows(faces_found, clip_s, fps):
         clip_ready = time.time()
         if hooks.on_sampled:
             hooks.on_sampled(len(clip.frames))
         error, scored, skipped = None, [], 0
         try:
-            scored, skipped = score_clip(clip, faces, cfg, info, submit, stop)
+            scored, skipped = score_clip(clip, cfg, submit, stop)
         except Exception as exc:  # detector gone for longer than the retry budget
             error = scoring_error(exc)
         verdict = make_verdict(

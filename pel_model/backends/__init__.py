@@ -1,26 +1,45 @@
 """Inference backends and automatic selection.
 
 `auto` picks the fastest available for the device: TensorRT (CUDA, when installed), then PyTorch
-CUDA, then ONNX Runtime on CPU (2-4x faster than PyTorch eager on CPU here).
+CUDA, then ONNX Runtime on CPU (2-4x faster than PyTorch eager on CPU here). Serving a cached
+ONNX export on CPU never imports PyTorch (about 650 MB of resident memory for the CUDA build):
+`TorchBackend`, the exporter and the network are imported only when a backend needs them.
 """
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import logging
+import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-
-from ..export import export_onnx
-from ..pel import PEL
 from .base import Backend
 from .onnxruntime_backend import OnnxRuntimeBackend
-from .torch_backend import TorchBackend
+
+if TYPE_CHECKING:
+    from ..pel import PEL
 
 log = logging.getLogger(__name__)
-__all__ = ["Backend", "OnnxRuntimeBackend", "TorchBackend", "create_backend"]
+__all__ = ["Backend", "OnnxRuntimeBackend", "TorchBackend", "create_backend", "default_device"]
+
+
+def __getattr__(name: str):
+    if name == "TorchBackend":  # imports torch: only on request
+        from .torch_backend import TorchBackend
+        return TorchBackend
+    raise AttributeError(name)
+
+
+def default_device() -> str:
+    """"cuda" when this process can see an NVIDIA GPU, else "cpu". A machine without NVIDIA
+    device nodes (or with CUDA_VISIBLE_DEVICES empty, as Ray sets it for CPU-only actors)
+    answers "cpu" without importing torch."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1") or not glob.glob("/dev/nvidia[0-9]*"):
+        return "cpu"
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _tensorrt_available() -> bool:
@@ -28,14 +47,15 @@ def _tensorrt_available() -> bool:
         import tensorrt  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    return default_device() == "cuda"
 
 
-def create_backend(model: PEL | Callable[[], PEL], kind: str = "auto", device: str | None = None,
+def create_backend(model: "PEL | Callable[[], PEL]", kind: str = "auto", device: str | None = None,
                    precision: str = "fp32", onnx_path: str | Path | None = None, *,
                    compile: str = "off", trt_profile: tuple[int, int, int] | None = None,
                    calibration_dir: str | Path | None = None,
-                   int8_keep_float: tuple[str, ...] = (), input_size: int | None = None) -> Backend:
+                   int8_keep_float: tuple[str, ...] = (), input_size: int | None = None,
+                   threads: int | None = None) -> Backend:
     """Build a backend for `model`. `onnx_path` is where the ONNX export is cached (made if absent).
 
     `model` may be a loader (with `input_size` given): ONNX Runtime with a cached export then
@@ -43,16 +63,17 @@ def create_backend(model: PEL | Callable[[], PEL], kind: str = "auto", device: s
 
     `compile`: torch.compile mode of the PyTorch CUDA backend; `trt_profile`: TensorRT batch
     (min, opt, max), default the TensorRT module's; `calibration_dir`: face crops for INT8 calibration; `int8_keep_float`:
-    weight-name prefixes of layers an INT8 graph keeps in float.
+    weight-name prefixes of layers an INT8 graph keeps in float; `threads`: ONNX Runtime intra-op
+    threads (see `OnnxRuntimeBackend`).
     """
-    if isinstance(model, PEL):
+    if hasattr(model, "cfg"):  # a built network (PEL)
         net, input_size = model, model.cfg.input_size
         load = lambda: net  # noqa: E731
     elif input_size is None:
         raise ValueError("create_backend needs input_size when given a model loader")
     else:
         load = functools.lru_cache(maxsize=1)(model)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     auto = kind == "auto"
     if auto:
         if device.startswith("cuda"):
@@ -80,16 +101,20 @@ def create_backend(model: PEL | Callable[[], PEL], kind: str = "auto", device: s
         if auto and tprec == "int8":  # PyTorch has no INT8 path here: the nearest fast precision
             log.warning("int8 requested without TensorRT: PyTorch CUDA runs fp16 instead")
             tprec = "fp16"
+        from .torch_backend import TorchBackend
         backend = TorchBackend(load(), device, tprec, compile=compile if cuda else "off")
     elif kind == "onnxruntime":
         if onnx_path is None:
             raise ValueError("the onnxruntime backend needs an onnx_path to export to or load from")
         onnx_path = Path(onnx_path)
         if not onnx_path.exists():
+            from ..export import export_onnx
+            log.warning("no cached ONNX export at %s: exporting now (slow; run `pel export "
+                        "--for-service` ahead to start replicas in seconds)", onnx_path)
             export_onnx(load(), onnx_path)
         if precision == "int8":
             onnx_path = _int8_graph(onnx_path, input_size, calibration_dir, int8_keep_float)
-        backend = OnnxRuntimeBackend(onnx_path, input_size, device)
+        backend = OnnxRuntimeBackend(onnx_path, input_size, device, threads=threads)
     elif kind != "tensorrt":
         raise ValueError(f"unknown backend {kind!r}: use auto, torch, onnxruntime or tensorrt")
     log.info("inference backend: %s (requested %s, device %s)", backend.describe(),

@@ -1,4 +1,8 @@
-"""ONNX Runtime backend (CPU, or CUDA when onnxruntime-gpu is installed)."""
+"""ONNX Runtime backend (CPU, or CUDA when onnxruntime-gpu is installed).
+
+`threads=None` lets ONNX Runtime use every core (benchmarks, a machine of its own); a replica
+passes its CPU budget instead, and then the pool's idle threads sleep rather than spin.
+"""
 from __future__ import annotations
 
 import os
@@ -22,6 +26,13 @@ class OnnxRuntimeBackend(Backend):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or int(os.environ.get("PEL_ORT_THREADS", 0))
+        if threads:  # a budget shared with other work: idle pool threads sleep, not spin
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.inter_op_num_threads = 1
+        if providers[0] == "CPUExecutionProvider":
+            # Memory patterns pre-plan one buffer per batch shape: no faster here, and they
+            # nearly double resident memory (docs/benchmarks.md, "Memory").
+            opts.enable_mem_pattern = False
         self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
         name = Path(onnx_path).name
         precision = "int8" if "int8" in name else "fp16" if "fp16" in name else "fp32"

@@ -1,0 +1,125 @@
+"""Faces detected as frames arrive (workers.frame_faces): the same crops as detecting each
+decoded frame, requests leave before their clip ends, and clips keep no frame pixels."""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from pel_model.backends import OnnxRuntimeBackend
+from pel_model.config import AppConfig
+from pel_model.faces import extract_faces, make_detector
+from workers.decode import clip_windows, iter_sampled_frames
+from workers.frame_faces import FrameFaces, detect_frames
+from workers.pipeline import ModelInfo, run_job, score_clip
+from workers.jobs import parse_job
+from workers.sample_media import astronaut, make_face_video
+from workers.urls import check_url
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    a = astronaut()
+    return make_face_video(tmp_path_factory.mktemp("ff") / "two.mp4",
+                           [a, np.ascontiguousarray(a[:, ::-1])], seconds=6)
+
+
+@pytest.fixture(scope="module")
+def cfg(clip_path):
+    return AppConfig.model_validate({
+        "urls": {"allow_files": True, "file_roots": [str(clip_path.parent)]},
+        "stream": {"sample_fps": 2.0, "clip_seconds": 2.0, "crops_per_request": 3}})
+
+
+class Recorder:
+    """Submits to a real ONNX Runtime backend on a thread pool; logs when each request left."""
+
+    def __init__(self, backend, events):
+        self.backend, self.events = backend, events
+        self.pool = ThreadPoolExecutor(1)
+
+    def __call__(self, crops):
+        self.events.append(("request", len(crops)))
+        return _Future(self.pool.submit(_probabilities, self.backend, crops))
+
+
+class _Future:
+    def __init__(self, fut):
+        self.fut = fut
+
+    def result(self, timeout_s=None):
+        return self.fut.result(timeout=timeout_s)
+
+
+def _probabilities(backend, crops):
+    return 1 / (1 + np.exp(-backend.logits(crops)))
+
+
+def _frames(path, cfg, events=None):
+    src = check_url(f"file://{path}", cfg.urls)
+    for f in iter_sampled_frames(src, cfg.stream, 2.0, False):
+        if events is not None:
+            events.append(("frame", f.pts_s))
+        yield f
+
+
+def test_same_crops_as_detecting_each_decoded_frame(clip_path, cfg, onnx_path):
+    detector = make_detector(cfg.faces)
+    expected = [crop for f in _frames(clip_path, cfg)
+                for _, crop in extract_faces(f.rgb, detector, cfg.faces, 224)]
+    backend = OnnxRuntimeBackend(onnx_path, 224)
+    events: list = []
+    submit = Recorder(backend, events)
+    clips = list(clip_windows(detect_frames(_frames(clip_path, cfg, events), detector, cfg, 224,
+                                            2.0, submit), 2.0, 2.0))
+    assert [c.index for c in clips] == [0, 1, 2]
+    got = [crop for c in clips for crop in c.frames[0].requests.crops]
+    assert len(got) == len(expected) >= 20  # two faces in each of 12 frames
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+    for c in clips:  # a clip holds crops and times, no frame pixels
+        assert all(isinstance(f, FrameFaces) and not hasattr(f, "rgb") for f in c.frames)
+        assert len({id(f.requests) for f in c.frames}) == 1
+        scored, skipped = score_clip(c, cfg, submit)
+        assert skipped == 0 and len(scored) == len(c.frames[0].requests.crops)
+        want = _probabilities(backend, np.stack(c.frames[0].requests.crops))
+        np.testing.assert_allclose([s.score for s in scored], want, rtol=1e-4, atol=1e-6)
+    # Requests of 3 crops leave while the clip's later frames are still being decoded.
+    first_request = events.index(("request", 3))
+    later = [t for kind, t in events[first_request:] if kind == "frame"]
+    assert later and min(later) < 2.0, "the first clip's first request waited for the clip to end"
+    sizes = [n for kind, n in events if kind == "request"]
+    assert sum(sizes) == len(got) and max(sizes) == 3
+
+
+def test_run_job_scores_every_clip_through_detect_frames(clip_path, cfg, onnx_path):
+    detector = make_detector(cfg.faces)
+    submit = Recorder(OnnxRuntimeBackend(onnx_path, 224), [])
+    verdicts = []
+    job = parse_job(f'{{"id": "ff1", "url": "file://{clip_path}"}}'.encode())
+    info = ModelInfo(input_size=224, threshold=0.5, model_id="small")
+    from workers.pipeline import Hooks
+    totals = run_job(job, cfg, detector, info, submit,
+                     hooks=Hooks(on_verdict=lambda v, t: verdicts.append(v)))
+    assert totals.clips_done == 3 and totals.clips_failed == 0
+    assert [v["faces_scored"] for v in verdicts] == [8, 8, 8]
+    assert all(v["label"] not in ("error", "no_face") for v in verdicts)
+
+
+def test_a_request_that_cannot_be_sent_fails_its_clip_only(clip_path, cfg, onnx_path):
+    """submit() raising (no replica yet) surfaces when the clip collects, after its retries."""
+    detector = make_detector(cfg.faces)
+    calls = {"n": 0}
+    backend = OnnxRuntimeBackend(onnx_path, 224)
+    pool = ThreadPoolExecutor(1)
+
+    def flaky(crops):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise RuntimeError("no replica")
+        return _Future(pool.submit(_probabilities, backend, crops))
+
+    quick = cfg.model_copy(update={"stream": cfg.stream.model_copy(update={"scoring_retry_s": 5.0})})
+    clips = list(clip_windows(detect_frames(_frames(clip_path, quick), detector, quick, 224, 2.0,
+                                            flaky), 2.0, 2.0))
+    scored, _ = score_clip(clips[0], quick, flaky)  # retried: resent and scored
+    assert len(scored) == 8
