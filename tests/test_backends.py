@@ -1,4 +1,5 @@
 """ONNX export and the inference backends, checked against PyTorch."""
+import os
 import numpy as np
 import onnx
 import pytest
@@ -102,3 +103,46 @@ def test_detector_config_compiled_inference_options(tmp_path):
     assert DetectorConfig(trt_profile=(2, 8, 16)).tensorrt_profile == (2, 8, 16)
     cfg = DetectorConfig(precision="int8", calibration_dir=tmp_path)
     assert cfg.calibration_dir == tmp_path
+
+
+def test_cpu_replica_serves_a_cached_export_without_importing_torch(model, tmp_path):
+    """The CPU profile: a fresh process (as a replica is) loads the cached ONNX export with the
+    replica's thread budget, sleeping (not spinning) pool threads, and never imports torch."""
+    import json
+    import subprocess
+    import sys
+
+    meta = CheckpointMeta(model=SMALL, trained=True, calibrated=True)
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, meta)
+    art = tmp_path / "art"
+    load_scorer(DetectorConfig(checkpoint=ckpt, artifacts_dir=art), device="cpu")  # exports
+    code = f"""
+import json, sys
+import numpy as np
+from pel_model.config import DetectorConfig
+from pel_model.scorer import cpu_threads, load_scorer
+cfg = DetectorConfig(checkpoint={str(ckpt)!r}, artifacts_dir={str(art)!r}, num_cpus=1.5)
+s = load_scorer(cfg)
+p = s.probabilities(np.zeros((2, 224, 224, 3), np.uint8))
+opts = s.backend.session.get_session_options()
+print(json.dumps({{"torch": "torch" in sys.modules, "timm": "timm" in sys.modules,
+                  "threads": opts.intra_op_num_threads, "rule": cpu_threads(cfg),
+                  "spinning": opts.get_session_config_entry("session.intra_op.allow_spinning"),
+                  "mem_pattern": opts.enable_mem_pattern, "n": len(p),
+                  "device": s.backend.device}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"torch": False, "timm": False, "threads": 2, "rule": 2, "spinning": "0",
+                   "mem_pattern": False, "n": 2, "device": "cpu"}
+
+
+def test_cpu_thread_rule():
+    from pel_model.scorer import cpu_threads
+
+    assert cpu_threads(DetectorConfig(num_cpus=0.5)) == 1
+    assert cpu_threads(DetectorConfig(num_cpus=1.0)) == 1
+    assert cpu_threads(DetectorConfig(num_cpus=3.2)) == 4
+    assert cpu_threads(DetectorConfig(num_cpus=0.5, threads=3)) == 3
