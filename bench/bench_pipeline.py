@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pel_model.checkpoint import read_meta
     from pel_model.config import DEFAULT_CHECKPOINT, AppConfig
-    from pel_model.scorer import cpu_threads, onnx_artifact
+    from pel_model.scorer import cpu_threads, load_scorer, onnx_artifact
     from workers.redis_server import EmbeddedRedis
 
     checkpoint = str(a.checkpoint or DEFAULT_CHECKPOINT)
@@ -283,11 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     with EmbeddedRedis() as server:
         args_dict = app_args(checkpoint, root, server.url, overrides)
         cfg = AppConfig.model_validate(args_dict)
+        load_scorer(cfg.detector, device="cpu")  # exports if not cached: replicas then start fast
         onnx = onnx_artifact(cfg.detector)
-        if not onnx.exists():  # as `pel export --for-service` does: replicas then start fast
-            from pel_model.checkpoint import load_checkpoint
-            from pel_model.export import export_onnx
-            export_onnx(load_checkpoint(checkpoint)[0], onnx)
         stack = run_stack(args_dict, burst, live, per_face)
     result = {"machine": machine_info(), "checkpoint": checkpoint, "resolution": a.resolution,
               "overrides": overrides, "seconds_each": a.seconds, "sample_fps": SAMPLE_FPS,
