@@ -82,6 +82,9 @@ def app_args(checkpoint: str, root: Path, redis_url: str, overrides: dict | None
     cfg["stream"]["sample_fps"] = SAMPLE_FPS
     cfg["urls"].update(allow_files=True, file_roots=[str(root)], allowed_networks=["127.0.0.0/8"])
     cfg["intake"].update(stream_workers=4, streams_per_worker=2)  # up to 8 streams at once
+    # A live stream ends when its publisher has been gone for the reconnect window: 2 s here
+    # (300 s by default), so a live run ends soon after ffmpeg has published its clip.
+    cfg["stream"].update(reconnect_window_s=2.0, backoff_initial_s=0.2, backoff_max_s=0.5)
     cfg["detector"].update(checkpoint=checkpoint)
     for key, value in (overrides or {}).items():  # --set section.field=value
         section, name = key.split(".", 1)
@@ -155,8 +158,8 @@ def run_stack(args_dict: dict, burst: list[Path], live: dict[int, list[Path]],
         def run_live(clips: list[Path]) -> dict:
             ports = [free_port() for _ in clips]
             servers = [rtmp_server(c, port) for c, port in zip(clips, ports)]
-            try:  # paced by ffmpeg; the job ends with the published clip
-                return run([f"rtmp://127.0.0.1:{port}/live/s" for port in ports], {"live": False})
+            try:  # paced by ffmpeg; the live job ends when the publisher has gone (done)
+                return run([f"rtmp://127.0.0.1:{port}/live/s" for port in ports], {"live": True})
             finally:
                 for proc in servers:
                     proc.kill()

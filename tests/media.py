@@ -129,13 +129,14 @@ def stalling_http_server(prefix: bytes = b"", content_type: str = "video/mp2t",
 
 def _listening(port: int) -> bool:
     """True once something listens on 127.0.0.1:port (read from /proc, without connecting:
-    ffmpeg's RTMP listen server serves exactly one client, so a probe would use it up)."""
+    ffmpeg's RTMP listen server serves exactly one client, so a probe would use it up), or has
+    already accepted its client (a reconnecting worker can be quicker than this poll)."""
     suffix = f":{port:04X}"
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 fields = line.split()
-                if fields[1].endswith(suffix) and fields[3] == "0A":
+                if fields[1].endswith(suffix) and fields[3] in ("0A", "01"):  # LISTEN, ESTABLISHED
                     return True
     return False
 

@@ -10,7 +10,7 @@ from pel_model.config import AppConfig
 from pel_model.faces import extract_faces, make_detector
 from workers.decode import clip_windows, iter_sampled_frames
 from workers.frame_faces import FrameFaces, detect_frames
-from workers.pipeline import ModelInfo, run_job, score_clip
+from workers.pipeline import Hooks, ModelInfo, run_job, score_clip
 from workers.jobs import parse_job
 from workers.sample_media import astronaut, make_face_video
 from workers.urls import check_url
@@ -97,7 +97,6 @@ def test_run_job_scores_every_clip_through_detect_frames(clip_path, cfg, onnx_pa
     verdicts = []
     job = parse_job(f'{{"id": "ff1", "url": "file://{clip_path}"}}'.encode())
     info = ModelInfo(input_size=224, threshold=0.5, model_id="small")
-    from workers.pipeline import Hooks
     totals = run_job(job, cfg, detector, info, submit,
                      hooks=Hooks(on_verdict=lambda v, t: verdicts.append(v)))
     assert totals.clips_done == 3 and totals.clips_failed == 0
@@ -123,3 +122,33 @@ def test_a_request_that_cannot_be_sent_fails_its_clip_only(clip_path, cfg, onnx_
                                             flaky), 2.0, 2.0))
     scored, _ = score_clip(clips[0], quick, flaky)  # retried: resent and scored
     assert len(scored) == 8
+
+
+def test_a_stream_that_breaks_off_still_scores_its_last_clip(clip_path, cfg, onnx_path, tmp_path):
+    """A real TS over HTTP that stalls after ~3 s: the half-decoded clip gets a verdict saying
+    so (its crops were sent and scored) before the error reaches the worker."""
+    from media import make_ts, stalling_http_server
+
+    from workers.decode import StreamError
+
+    ts = make_ts(clip_path, tmp_path / "two.ts").read_bytes()
+    quick = AppConfig.model_validate({
+        "urls": {"allow_private_addresses": True},
+        "stream": {"sample_fps": 2.0, "clip_seconds": 2.0, "crops_per_request": 3,
+                   "stall_timeout_s": 1.0, "read_timeout_s": 30.0}})
+    detector = make_detector(quick.faces)
+    submit = Recorder(OnnxRuntimeBackend(onnx_path, 224), [])
+    verdicts = []
+    with stalling_http_server(ts[: len(ts) // 2]) as url:
+        job = parse_job(f'{{"id": "cut1", "url": "{url}", "options": {{"live": false}}}}'.encode())
+        with pytest.raises(StreamError) as info:
+            run_job(job, quick, detector, ModelInfo(224, 0.5, "small"), submit,
+                    hooks=Hooks(on_verdict=lambda v, t: verdicts.append(v)))
+    assert info.value.reason == "stalled"
+    assert len(verdicts) >= 1
+    last = verdicts[-1]
+    assert [v["clip_index"] for v in verdicts] == list(range(len(verdicts)))
+    assert any("broke off" in w and "stalled" in w for w in last["warnings"]), last
+    assert last["frames_sampled"] >= 1 and last["faces_scored"] == 2 * last["frames_sampled"]
+    assert last["label"] not in ("error", "no_face", "gap")
+    assert not any("broke off" in w for v in verdicts[:-1] for w in v["warnings"])

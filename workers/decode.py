@@ -66,6 +66,7 @@ class Clip:
     frames: list[SampledFrame] = field(repr=False)  # the decoded ones
     dropped: int = 0  # sampled frames of this window dropped because the worker lagged
     gap: bool = False  # no frame of this window reached the worker (all dropped, or none)
+    cut_by: Optional[str] = None  # the stream broke off in this window: the error, redacted
 
 
 class StreamError(Exception):
@@ -436,7 +437,9 @@ def clip_windows(frames: Iterable[SampledFrame], clip_seconds: float,
     were all dropped, or that no frame fell into, is a `gap` clip (its verdict says so), so a
     missing index never goes without a trace. The last window ends one sampling step after its
     last frame (on the 1/sample_fps grid when given, else the mean spacing), never past the
-    window, so a short file is one clip with its real length.
+    window, so a short file is one clip with its real length. When the frames end in an error
+    (`StreamError`), the window decoded so far is still emitted (`cut_by` says why) before the
+    error is raised: every frame that reached the worker ends in a verdict.
     """
     if clip_seconds <= 0:
         raise ValueError(f"clip_seconds must be > 0, got {clip_seconds}")
@@ -448,7 +451,16 @@ def clip_windows(frames: Iterable[SampledFrame], clip_seconds: float,
     def emit(w: int) -> Clip:
         return Clip(w, w * clip_seconds, (w + 1) * clip_seconds, current, dropped, not current)
 
-    for frame in frames:
+    cut: Optional[StreamError] = None
+    frames = iter(frames)
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            break
+        except StreamError as exc:
+            cut = exc
+            break
         i = math.floor(frame.pts_s / clip_seconds + 1e-9)
         if window is not None and i != window:
             yield emit(window)
@@ -462,15 +474,23 @@ def clip_windows(frames: Iterable[SampledFrame], clip_seconds: float,
         current.append(frame)
         first_pts = frame.pts_s if first_pts is None else first_pts
         count += 1
-    if window is None:
-        return
-    if not current:
-        yield emit(window)
-        return
-    last = current[-1].pts_s
+    if window is not None:
+        yield _last_clip(window, clip_seconds, current, dropped, first_pts, count, sample_fps,
+                         None if cut is None else str(cut))
+    if cut is not None:
+        raise cut
+
+
+def _last_clip(window: int, clip_seconds: float, frames: list[SampledFrame], dropped: int,
+               first_pts: Optional[float], count: int, sample_fps: Optional[float],
+               cut_by: Optional[str]) -> Clip:
+    """The stream's last window: it ends one sampling step after its last frame."""
+    start, full_end = window * clip_seconds, (window + 1) * clip_seconds
+    if not frames:
+        return Clip(window, start, full_end, frames, dropped, True, cut_by)
+    last = frames[-1].pts_s
     if sample_fps:
         end = (math.floor(last * sample_fps + 1e-6) + 1) / sample_fps
     else:
         end = last + ((last - first_pts) / (count - 1) if count > 1 else 0.0)
-    yield Clip(window, window * clip_seconds, max(last, min(end, (window + 1) * clip_seconds)),
-               current, dropped)
+    return Clip(window, start, max(last, min(end, full_end)), frames, dropped, False, cut_by)

@@ -83,20 +83,25 @@ def detect_frames(frames: Iterable, faces: FaceDetector, cfg: AppConfig, size: i
                   ) -> Iterator[FrameFaces]:
     """Detect and crop each sampled frame as it arrives (see the module doc). Frames of one
     window `[i * clip_seconds, (i + 1) * clip_seconds)` share one `ClipRequests`; it is flushed
-    when the first frame of a later window arrives or the stream ends, before `clip_windows`
-    emits the clip."""
+    when the first frame of a later window arrives or the stream ends (or breaks off), before
+    `clip_windows` emits the clip."""
     window, requests = None, None
-    for frame in frames:
-        i = math.floor(frame.pts_s / clip_seconds + 1e-9)
-        if i != window:
-            if requests is not None:
-                requests.flush()
-            window, requests = i, ClipRequests(submit, cfg.stream.crops_per_request)
-        if frame.dropped:
-            yield FrameFaces(frame.index, frame.pts_s, requests, dropped=True)
-            continue
-        found, extra = extract_faces_counted(frame.rgb, faces, cfg.faces, size)
-        requests.add(frame.pts_s, found, extra)
-        yield FrameFaces(frame.index, frame.pts_s, requests)
+    try:
+        for frame in frames:
+            i = math.floor(frame.pts_s / clip_seconds + 1e-9)
+            if i != window:
+                if requests is not None:
+                    requests.flush()
+                window, requests = i, ClipRequests(submit, cfg.stream.crops_per_request)
+            if frame.dropped:
+                yield FrameFaces(frame.index, frame.pts_s, requests, dropped=True)
+                continue
+            found, extra = extract_faces_counted(frame.rgb, faces, cfg.faces, size)
+            requests.add(frame.pts_s, found, extra)
+            yield FrameFaces(frame.index, frame.pts_s, requests)
+    except Exception:  # the stream broke off: its last window is still scored
+        if requests is not None:
+            requests.flush()
+        raise
     if requests is not None:
         requests.flush()

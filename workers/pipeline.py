@@ -22,7 +22,7 @@ import numpy as np
 from pel_model.config import AppConfig
 from pel_model.faces import FaceDetector
 
-from .decode import Clip, clip_windows, iter_sampled_frames
+from .decode import Clip, StreamError, clip_windows, iter_sampled_frames
 from .frame_faces import Pending, detect_frames
 from .jobs import Job, redact_url
 from .urls import check_url
@@ -104,6 +104,7 @@ class JobTotals:
     frames_sampled: int = 0
     faces_scored: int = 0
     clips_failed: int = 0  # clips whose faces could not be scored (their verdicts say error)
+    ended: str = ""  # how a live stream ended, when it did not simply reach its end
 
     def progress(self) -> dict:
         return {"clips_done": self.clips_done, "media_seconds": self.media_seconds,
@@ -116,7 +117,10 @@ def run_job(job: Job, cfg: AppConfig, faces: FaceDetector, info: ModelInfo,
             progress: Optional[Callable[..., None]] = None) -> JobTotals:
     """Process one job to its end (or until `stop`); returns its totals.
 
-    Raises `UrlRejected`/`StreamError` for sources that cannot be read."""
+    A live source that delivered frames and then stayed away for the whole reconnect window
+    (`stream.reconnect_window_s`) has ended: the job returns normally, its last clip scored and
+    `totals.ended` saying so. Raises `UrlRejected`/`StreamError` for sources that cannot be
+    read; clips decoded before such an error still get their verdicts first."""
     source = check_url(job.url, cfg.urls)
     opts = job.options
     fps = opts.sample_fps or cfg.stream.sample_fps
@@ -127,7 +131,21 @@ def run_job(job: Job, cfg: AppConfig, faces: FaceDetector, info: ModelInfo,
     faces_found = detect_frames(frames, faces, cfg, info.input_size, clip_s, submit)
     url = redact_url(job.url)
     totals = JobTotals()
-    for clip in clip_windows(faces_found, clip_s, fps):
+    try:
+        _score_clips(job, url, clip_windows(faces_found, clip_s, fps), cfg, info, submit, hooks,
+                  stop, progress, totals)
+    except StreamError as exc:
+        if exc.reason != "reconnects_exhausted":  # raised only after frames were seen
+            raise
+        totals.ended = f"the live stream ended: {exc.message}"
+    return totals
+
+
+def _score_clips(job: Job, url: str, clips, cfg: AppConfig, info: ModelInfo,
+              submit: Callable[[np.ndarray], Pending], hooks: Hooks,
+              stop: Optional[threading.Event], progress: Optional[Callable[..., None]],
+              totals: JobTotals) -> None:
+    for clip in clips:
         clip_ready = time.time()
         if hooks.on_sampled:
             hooks.on_sampled(len(clip.frames))
@@ -141,7 +159,7 @@ def run_job(job: Job, cfg: AppConfig, faces: FaceDetector, info: ModelInfo,
             frames_sampled=len(clip.frames), scored=scored, threshold=info.threshold,
             model=info.model_id, warnings=info.warnings, top_k=cfg.stream.top_frames,
             latency_s=time.time() - clip_ready, error=error, trained=info.trained,
-            frames_dropped=clip.dropped, faces_skipped=skipped)
+            frames_dropped=clip.dropped, faces_skipped=skipped, cut_by=clip.cut_by)
         if hooks.on_verdict:
             hooks.on_verdict(verdict, clip_ready)
         totals.clips_done += 1
@@ -153,4 +171,3 @@ def run_job(job: Job, cfg: AppConfig, faces: FaceDetector, info: ModelInfo,
             progress(**totals.progress())
         if stop is not None and stop.is_set():
             break
-    return totals

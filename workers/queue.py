@@ -8,7 +8,8 @@ Keys (``P`` = `RedisConfig.prefix`, default ``pel``; use ``{pel}`` on Redis Clus
 * ``P:job:<id>``      HASH job state: state (queued/running/done/partial/cancelled/failed),
                       attempts, url (redacted), consumer, created/started/updated/finished
                       (unix seconds), clips_done, media_seconds, frames_sampled, faces_scored
-                      (never decrease), clips_failed, error, entry_id, cancel_requested.
+                      (never decrease), clips_failed, error, ended (how a live stream
+                      ended), entry_id, cancel_requested.
 * ``P:jobs:active``   ZSET of queued/running job ids (score: time first seen).
 * ``P:deadletter``    STREAM of jobs given up on: job_id, url (redacted), reason, attempts,
                       time, entry_id, consumer, raw (redacted payload, invalid jobs only).
@@ -37,6 +38,7 @@ import redis
 
 from pel_model.config import IntakeConfig, RedisConfig
 from workers.jobs import InvalidJob, Job, JobOptions, parse_job, redact_text, redact_url
+from workers.redis_client import bytes_twin
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -147,18 +149,6 @@ def _s(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def raw_client(client: redis.Redis) -> redis.Redis:
-    """`client` itself, or a bytes-returning twin of a `decode_responses=True` client: payloads
-    are hostile bytes (invalid UTF-8 must become a dead letter, not a UnicodeDecodeError)."""
-    kwargs = client.connection_pool.connection_kwargs
-    if not kwargs.get("decode_responses"):
-        return client
-    keep = {k: v for k, v in kwargs.items() if not k.startswith(("maint_", "orig_", "himport"))}
-    pool = redis.ConnectionPool(connection_class=client.connection_pool.connection_class,
-                                **{**keep, "decode_responses": False})
-    return redis.Redis(connection_pool=pool)
-
-
 def consumer_name(tag: str = "") -> str:
     """A unique consumer name, ``host:pid[:tag]:random``."""
     parts = [socket.gethostname(), str(os.getpid()), tag, uuid.uuid4().hex[:6]]
@@ -201,7 +191,7 @@ class JobQueue:
     ):
         if not consumer:
             raise ValueError("consumer name must be non-empty")
-        self.r = raw_client(client)
+        self.r = bytes_twin(client)
         self.cfg = cfg_intake
         self.keys = QueueKeys(cfg_redis.prefix)
         self.consumer = consumer
@@ -455,9 +445,12 @@ class JobQueue:
         return bool(self._progress(keys=[self.keys.job(job.id)],
                                    args=[entry, self.consumer, str(time.time()), *flat]))
 
-    def complete(self, job: Job, clips_failed: int = 0) -> bool:
+    def complete(self, job: Job, clips_failed: int = 0, ended: str = "") -> bool:
         """Ack the job as done, or `partial` when some clips could not be scored (their
-        verdicts say `error`). False if it was no longer pending (finished elsewhere)."""
+        verdicts say `error`); `ended` (how a live stream ended) goes in the record's `ended`
+        field. False if it was no longer pending (finished elsewhere)."""
+        if ended:
+            self.r.hset(self.keys.job(job.id), "ended", ended)
         if clips_failed:
             self.r.hset(self.keys.job(job.id), "clips_failed", clips_failed)
             return self.finish(job, "partial", f"{clips_failed} clip(s) could not be scored")

@@ -12,7 +12,6 @@ import threading
 import time
 
 import ray
-import redis
 
 from pel_model.config import AppConfig
 from pel_model.faces import make_detector
@@ -23,6 +22,7 @@ from .metrics import metrics
 from .pipeline import Hooks, ModelInfo, run_job
 from .queue import JobQueue, Lease, consumer_name
 from .redact import install_log_redaction, redact_text
+from .redis_client import connect
 from .urls import UrlRejected
 from .verdicts import VerdictStore
 
@@ -34,7 +34,7 @@ class StreamWorker:
     def __init__(self, cfg: dict, redis_url: str, detector, worker_index: int = 0):
         install_log_redaction()  # stream URLs carry credentials; FFmpeg echoes them
         self.cfg = AppConfig.model_validate(cfg)
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = connect(redis_url, self.cfg.redis)
         self.queue = JobQueue(self.redis, self.cfg.redis, self.cfg.intake,
                               consumer_name(f"w{worker_index}"))
         self.verdicts = VerdictStore(self.redis, self.cfg.redis)
@@ -104,7 +104,8 @@ class StreamWorker:
             elif self.stop.is_set() or lease.lost:
                 return  # left pending: redelivered after the lease
             else:
-                self.queue.complete(job, clips_failed=totals.clips_failed)
+                self.queue.complete(job, clips_failed=totals.clips_failed,
+                                    ended=redact_text(totals.ended)[:1000])
         except (StreamError, UrlRejected) as exc:
             err = exc if isinstance(exc, StreamError) else classify_error(exc)
             if lease.cancelled:

@@ -8,7 +8,9 @@ Label: `fake` if that mean >= threshold, else `real`; `no_face` when no face was
 reached the worker (`frames_dropped` says how many were dropped because the worker lagged
 behind a live source); `untrained` instead of `fake`/`real` when the model was never trained
 (`checkpoint: null`): its scores are shown but decide nothing. `faces_skipped` counts faces
-beyond `faces.max_faces_per_frame` that were found but not scored.
+beyond `faces.max_faces_per_frame` that were found but not scored. The last clip of a stream
+that broke off (or of a live stream that ended) covers the frames decoded until then and says so
+in `warnings`.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def make_verdict(*, job_id: str, url: str, clip_index: int, start_s: float, end_
                  frames_sampled: int, scored: list[ScoredFace], threshold: float, model: str,
                  warnings: list[str], top_k: int, latency_s: float,
                  error: Optional[str] = None, trained: bool = True, frames_dropped: int = 0,
-                 faces_skipped: int = 0) -> dict:
+                 faces_skipped: int = 0, cut_by: Optional[str] = None) -> dict:
     per_frame: dict[float, float] = defaultdict(float)
     for s in scored:
         per_frame[s.time_s] = max(per_frame[s.time_s], s.score)
@@ -60,5 +62,6 @@ def make_verdict(*, job_id: str, url: str, clip_index: int, start_s: float, end_
         + ([f"{frames_dropped} sampled frame(s) dropped: the worker fell behind the stream"]
            if frames_dropped else [])
         + ([f"{faces_skipped} face(s) beyond max_faces_per_frame were not scored"]
-           if faces_skipped else []),
+           if faces_skipped else [])
+        + ([f"the stream broke off in this clip ({cut_by})"] if cut_by else []),
     }
