@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -57,3 +58,16 @@ def onnx_path(model, tmp_path_factory):
     from pel_model.export import export_onnx
 
     return export_onnx(model, tmp_path_factory.mktemp("onnx") / "pel.onnx")
+
+
+@pytest.fixture(scope="session")
+def service_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, artifacts folder) for the service tests: a random b0@224 network marked
+    trained. One folder for the session, so the replicas of every test app reuse one export."""
+    from model_utils import SMALL, small_model
+    from pel_model.checkpoint import CheckpointMeta, save_checkpoint
+
+    art = tmp_path_factory.mktemp("service-artifacts")
+    ckpt = save_checkpoint(art / "small.safetensors", small_model(),
+                           CheckpointMeta(model=SMALL, trained=True))
+    return ckpt, art

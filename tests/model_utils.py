@@ -39,3 +39,12 @@ def small_model(seed: int = 0, cfg: ModelConfig = SMALL) -> PEL:
         for i in range(2):
             model(torch.from_numpy(face_batch(8, cfg.input_size, seed=100 + i)))
     return model.eval()
+
+
+def offline_hub(monkeypatch) -> None:
+    """Hugging Face Hub offline for one test. `HF_HUB_OFFLINE` is read when huggingface_hub is
+    imported, so the environment variable alone comes too late: set its constant as well."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -60,16 +60,23 @@ def test_torch_cuda_backend_matches_cpu(model, precision, atol):
     np.testing.assert_allclose(got, ref, atol=atol)
 
 
-def test_scorer_applies_checkpoint_calibration(model, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def calibrated(model, tmp_path_factory):
+    """A calibrated checkpoint of `model` and the artifacts folder its first load exports to."""
+    tmp = tmp_path_factory.mktemp("calibrated")
     meta = CheckpointMeta(model=SMALL, temperature=2.0, threshold=0.3, trained=True, calibrated=True)
-    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, meta)
-    scorer = load_scorer(DetectorConfig(checkpoint=ckpt, artifacts_dir=tmp_path / "art"), device="cpu")
+    return save_checkpoint(tmp / "m.safetensors", model, meta), tmp / "art"
+
+
+def test_scorer_applies_checkpoint_calibration(model, calibrated, monkeypatch):
+    ckpt, art = calibrated
+    scorer = load_scorer(DetectorConfig(checkpoint=ckpt, artifacts_dir=art), device="cpu")
     crops = face_batch(5, 224)
     logits = TorchBackend(model).logits(crops)
     np.testing.assert_allclose(scorer.probabilities(crops), 1 / (1 + np.exp(-logits / 2.0)), atol=1e-4)
     assert scorer.threshold == 0.3 and not scorer.warnings
     assert scorer.model_id.startswith("pel-efficientnet_b0-224@") and "onnxruntime" in scorer.model_id
-    assert list((tmp_path / "art").glob("*.onnx"))  # the export is cached beside the checkpoint's hash
+    assert list(art.glob("*.onnx"))  # the export is cached beside the checkpoint's hash
 
     # A replica start with the export cached never builds the PyTorch network (memory, time).
     import pel_model.scorer as scorer_module
@@ -78,7 +85,7 @@ def test_scorer_applies_checkpoint_calibration(model, tmp_path, monkeypatch):
         raise AssertionError("the PyTorch network was built although the ONNX export is cached")
 
     monkeypatch.setattr(scorer_module, "load_checkpoint", no_torch_model)
-    again = load_scorer(DetectorConfig(checkpoint=ckpt, artifacts_dir=tmp_path / "art"), device="cpu")
+    again = load_scorer(DetectorConfig(checkpoint=ckpt, artifacts_dir=art), device="cpu")
     np.testing.assert_allclose(again.probabilities(crops), scorer.probabilities(crops), atol=1e-6)
 
 
@@ -105,17 +112,15 @@ def test_detector_config_compiled_inference_options(tmp_path):
     assert cfg.calibration_dir == tmp_path
 
 
-def test_cpu_replica_serves_a_cached_export_without_importing_torch(model, tmp_path):
+def test_cpu_replica_serves_a_cached_export_without_importing_torch(calibrated):
     """The CPU profile: a fresh process (as a replica is) loads the cached ONNX export with the
     replica's thread budget, sleeping (not spinning) pool threads, and never imports torch."""
     import json
     import subprocess
     import sys
 
-    meta = CheckpointMeta(model=SMALL, trained=True, calibrated=True)
-    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, meta)
-    art = tmp_path / "art"
-    load_scorer(DetectorConfig(checkpoint=ckpt, artifacts_dir=art), device="cpu")  # exports
+    ckpt, art = calibrated
+    load_scorer(DetectorConfig(checkpoint=ckpt, artifacts_dir=art), device="cpu")  # cached export
     code = f"""
 import json, sys
 import numpy as np

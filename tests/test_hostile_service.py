@@ -15,8 +15,7 @@ import redis
 from ray import serve
 
 from media import astronaut, make_face_video, serve_directory
-from model_utils import SMALL, small_model
-from pel_model.checkpoint import CheckpointMeta, save_checkpoint
+from model_utils import SMALL
 from pel_model.config import AppConfig
 from workers.app import build_app
 from workers.cli import DEFAULT_CONFIG, FINAL_STATES, load_config
@@ -39,12 +38,10 @@ def media(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(ray_cluster, media, tmp_path_factory):
+def app(ray_cluster, media, tmp_path_factory, service_checkpoint):
     data = tmp_path_factory.mktemp("hostile-redis")
     server = EmbeddedRedis(data_dir=data, appendonly=True).start()
-    art = tmp_path_factory.mktemp("hostile-artifacts")
-    ckpt = save_checkpoint(art / "small.safetensors", small_model(),
-                           CheckpointMeta(model=SMALL, trained=True))
+    ckpt, art = service_checkpoint
     args = load_config(DEFAULT_CONFIG).model_dump(mode="json")
     args["redis"].update(url=server.url, prefix="hx")
     args["intake"].update(lease_seconds=3.0, max_attempts=2, stream_workers=2,

