@@ -7,6 +7,7 @@ same fields as Ray Serve application arguments; `pel` sub-commands read the same
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -81,14 +82,36 @@ class FaceConfig(_Strict):
 class RedisConfig(_Strict):
     """Where jobs come from and verdicts go. `url=None` starts an embedded redis-server."""
 
-    url: Optional[str] = None
+    url: Optional[str] = None  # redis:// or rediss:// (TLS), credentials in the URL
+    # ...or the name of an environment variable holding it (e.g. set from a Kubernetes Secret,
+    # so no password sits in a config file); wins over `url`.
+    url_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     prefix: str = "pel"
+    # Redis Cluster: `url` names any node; `prefix` must then be a hash tag, e.g. "{pel}".
+    cluster: bool = False
     # Embedded server (url unset): fixed loopback port and an append-only data dir, so jobs
     # survive an application restart and `redis-cli -p 6399` reaches it.
     embedded_port: int = Field(6399, ge=1, le=65535)
     embedded_dir: Path = Path("~/.cache/pel-moderation/redis")
     verdict_stream_maxlen: int = Field(100_000, ge=100)
     publish_verdicts: bool = True
+
+    @model_validator(mode="after")
+    def _cluster_needs_a_hash_tag(self) -> "RedisConfig":
+        if not self.cluster:
+            return self
+        if self.url is None and self.url_env is None:
+            raise ValueError("redis.cluster needs redis.url or redis.url_env (the embedded "
+                             "server is one node)")
+        # Redis hashes the text between the first "{" and the next "}" when it is non-empty.
+        i = self.prefix.find("{")
+        j = self.prefix.find("}", i + 1) if i >= 0 else -1
+        if j <= i + 1:
+            raise ValueError(f"on Redis Cluster redis.prefix must hold a hash tag so that all "
+                             f"keys share one slot, e.g. '{{pel}}'; got {self.prefix!r}")
+        if self.url is not None and urlsplit(self.url).path not in ("", "/", "/0"):
+            raise ValueError("Redis Cluster has database 0 only: drop the /<db> from redis.url")
+        return self
 
 
 class IntakeConfig(_Strict):

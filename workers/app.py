@@ -12,7 +12,6 @@ import asyncio
 import logging
 
 import ray
-import redis
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
@@ -24,6 +23,7 @@ from .detector import PELDetector
 from .metrics import metrics
 from .queue import JobQueue
 from .redact import install_log_redaction, redact_url
+from .redis_client import connect
 from .redis_server import ensure_embedded_redis, resolve_redis_url
 from .stream_worker import StreamWorker
 
@@ -38,7 +38,7 @@ class Moderator:
         install_log_redaction()
         self.cfg = AppConfig.model_validate(cfg)
         self.redis_url = resolve_redis_url(self.cfg.redis)
-        self.queue = JobQueue(redis.Redis.from_url(self.redis_url), self.cfg.redis,
+        self.queue = JobQueue(connect(self.redis_url, self.cfg.redis), self.cfg.redis,
                               self.cfg.intake, "moderator")
         self.detector = detector
         self.metrics = metrics(self.cfg.metrics.enabled)
@@ -108,13 +108,26 @@ class Moderator:
             redis_ok = True
         except Exception as exc:  # Redis down: say so instead of failing the request
             stats, redis_ok = {"error": f"redis unavailable ({type(exc).__name__})"}, False
+        try:
+            scrape = await asyncio.wait_for(asyncio.to_thread(metrics_endpoints), STATUS_TIMEOUT_S)
+        except Exception:  # the GCS is busy or restarting: the rest of the status still answers
+            scrape = []
         return {"redis_url": redact_url(self.redis_url), "redis_ok": redis_ok,
                 "prefix": self.cfg.redis.prefix, "queue": stats, "workers": list(workers),
-                "model": self.model}
+                "model": self.model, "metrics_endpoints": scrape}
 
     async def __call__(self, request: Request):
         status = await self.status()
         return JSONResponse(status, status_code=200 if status["redis_ok"] else 503)
+
+
+def metrics_endpoints() -> list[str]:
+    """`host:port` of every live Ray node's metrics export (Ray's, Serve's and `ray_pel_*`):
+    what Prometheus scrapes. `serve run` on a fresh machine picks a random port; `ray start
+    --metrics-export-port 8080` fixes it, and the head's dashboard also writes these targets
+    to a Prometheus file-SD file (see deploy/prometheus/prometheus.yml)."""
+    return sorted(f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes()
+                  if n.get("Alive") and n.get("MetricsExportPort"))
 
 
 def build_app(args: dict | None = None) -> serve.Application:

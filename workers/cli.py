@@ -19,6 +19,8 @@ import yaml
 
 from pel_model.config import AppConfig
 
+from .redis_client import connect
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "app.yaml"
 FINAL_STATES = ("done", "partial", "cancelled", "failed")
 
@@ -39,8 +41,9 @@ def status_url(path: str | Path = DEFAULT_CONFIG) -> str:
 
 
 def _redis(cfg: AppConfig) -> redis.Redis:
-    url = cfg.redis.url or f"redis://127.0.0.1:{cfg.redis.embedded_port}/0"
-    return redis.Redis.from_url(url, decode_responses=True)
+    env = os.environ.get(cfg.redis.url_env) if cfg.redis.url_env else None
+    url = env or cfg.redis.url or f"redis://127.0.0.1:{cfg.redis.embedded_port}/0"
+    return connect(url, cfg.redis, decode_responses=True)
 
 
 def _queue(cfg: AppConfig, client: redis.Redis | None = None):

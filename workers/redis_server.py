@@ -212,10 +212,15 @@ def ensure_embedded_redis(cfg: RedisConfig) -> bool:
 
 
 def resolve_redis_url(cfg: RedisConfig) -> str:
-    """``cfg.url``, or the embedded server on ``cfg.embedded_port`` (reused when one already
+    """The URL in the environment variable ``cfg.url_env``, else ``cfg.url``, or the embedded server on ``cfg.embedded_port`` (reused when one already
     answers there, e.g. left by an earlier run; else started with an append-only file in
     ``cfg.embedded_dir``, so queued jobs survive a restart of the application)."""
     global _singleton
+    if cfg.url_env:
+        url = os.environ.get(cfg.url_env)
+        if not url:
+            raise ValueError(f"redis.url_env names {cfg.url_env}, which is not set or empty")
+        return url
     if cfg.url:
         return cfg.url
     url = f"redis://127.0.0.1:{cfg.embedded_port}/0"
