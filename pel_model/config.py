@@ -122,6 +122,9 @@ class IntakeConfig(_Strict):
     stream_workers: int = Field(2, ge=1)
     streams_per_worker: int = Field(2, ge=1)
     worker_num_cpus: float = Field(0.25, gt=0)  # Ray CPUs reserved per stream worker actor
+    # Custom Ray resources per stream worker, e.g. {"streams": 1}: with nodes started as
+    # `ray start --resources '{"streams": 8}'` workers go to those nodes only.
+    worker_resources: dict[str, float] = {}
     poll_block_ms: int = Field(1000, ge=10)
 
 
@@ -197,6 +200,7 @@ class DetectorConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
     num_gpus: Optional[float] = Field(None, ge=0)  # None: 1 per replica if the cluster has GPUs
     num_cpus: float = Field(0.5, gt=0)
+    resources: dict[str, float] = {}  # custom Ray resources per replica, e.g. {"detector": 1}
     max_batch_size: int = Field(32, ge=1)  # faces merged from concurrent requests per model call
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)

@@ -49,7 +49,10 @@ class Moderator:
         self._monitor = asyncio.get_event_loop().create_task(self._watch())
 
     def _spawn(self, index: int):
-        return StreamWorker.options(num_cpus=self.cfg.intake.worker_num_cpus).remote(
+        intake = self.cfg.intake
+        return StreamWorker.options(num_cpus=intake.worker_num_cpus,  # spread: a node lost
+                                    resources=dict(intake.worker_resources),  # takes few streams
+                                    scheduling_strategy="SPREAD").remote(
             self.cfg.model_dump(mode="json"), self.redis_url, self.detector, index)
 
     async def _watch(self) -> None:
@@ -114,7 +117,8 @@ class Moderator:
             scrape = []
         return {"redis_url": redact_url(self.redis_url), "redis_ok": redis_ok,
                 "prefix": self.cfg.redis.prefix, "queue": stats, "workers": list(workers),
-                "model": self.model, "metrics_endpoints": scrape}
+                "model": self.model, "metrics_endpoints": scrape,
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     async def __call__(self, request: Request):
         status = await self.status()
@@ -140,6 +144,7 @@ def build_app(args: dict | None = None) -> serve.Application:
     log.info("detector: %d replica(s), %g GPU(s) each", d.num_replicas, num_gpus)
     detector = PELDetector.options(
         num_replicas=d.num_replicas, max_ongoing_requests=max(d.max_ongoing_requests, 2 * d.max_batch_size),
-        ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": num_gpus},
+        ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": num_gpus,
+                           "resources": dict(d.resources)},
     ).bind(d.model_dump(mode="json"))
     return Moderator.bind(cfg.model_dump(mode="json"), detector)

@@ -15,6 +15,7 @@ import logging
 import time
 
 import numpy as np
+import ray
 from ray import serve
 
 from pel_model.config import DetectorConfig
@@ -48,7 +49,8 @@ class PELDetector:
         return {"input_size": s.input_size, "threshold": s.threshold, "model_id": s.model_id,
                 "warnings": list(s.warnings), "backend": s.backend.describe(),
                 "trained": s.meta.trained, "model_batch": self.max_batch,
-                "started_s": round(self.started_s, 2)}
+                "started_s": round(self.started_s, 2),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def _infer(self, crops: np.ndarray) -> np.ndarray:
         out = []

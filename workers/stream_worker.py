@@ -52,7 +52,8 @@ class StreamWorker:
 
     def status(self) -> dict:
         return {"consumer": self.queue.consumer, "active_jobs": sorted(self.active),
-                "threads_alive": sum(t.is_alive() for t in self.threads)}
+                "threads_alive": sum(t.is_alive() for t in self.threads),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def shutdown(self) -> None:
         self.stop.set()
