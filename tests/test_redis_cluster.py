@@ -26,18 +26,20 @@ SLOTS = 16384
 def cluster(tmp_path_factory):
     """Three master nodes, slots split in thirds, joined with CLUSTER MEET."""
     ports = [free_port() for _ in range(3)]
-    procs = []
+    procs, logs = [], []
     for port in ports:
         d = tmp_path_factory.mktemp(f"node{port}")
+        logs.append(d / "log")
         procs.append(subprocess.Popen(
             [str(SERVER), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", str(d / "nodes.conf"), "--dir", str(d), "--save", "",
              "--appendonly", "no", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            stdout=open(d / "log", "w"), stderr=subprocess.STDOUT))
     try:
         nodes = [redis.Redis(port=p) for p in ports]
-        for n in nodes:
-            _until(lambda n=n: _pings(n), "node start")
+        for n, p, log in zip(nodes, procs, logs):  # the log says why a node did not start
+            _until(lambda n=n: _pings(n), lambda p=p, log=log: f"node start (exit {p.poll()}: "
+                   f"{log.read_text()[-500:] if log.exists() else ''})")
         bounds = [0, SLOTS // 3, 2 * SLOTS // 3, SLOTS]
         for i, n in enumerate(nodes):
             n.execute_command("CLUSTER ADDSLOTS", *range(bounds[i], bounds[i + 1]))
@@ -60,10 +62,10 @@ def _pings(client) -> bool:
         return False
 
 
-def _until(check, what: str, timeout: float = 20.0) -> None:
+def _until(check, what, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
         time.sleep(0.1)
 
 

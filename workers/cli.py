@@ -41,8 +41,9 @@ def status_url(path: str | Path = DEFAULT_CONFIG) -> str:
 
 
 def _redis(cfg: AppConfig) -> redis.Redis:
-    env = os.environ.get(cfg.redis.url_env) if cfg.redis.url_env else None
-    url = env or cfg.redis.url or f"redis://127.0.0.1:{cfg.redis.embedded_port}/0"
+    from .redis_server import configured_redis_url
+
+    url = configured_redis_url(cfg.redis) or f"redis://127.0.0.1:{cfg.redis.embedded_port}/0"
     return connect(url, cfg.redis, decode_responses=True)
 
 

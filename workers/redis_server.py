@@ -211,18 +211,25 @@ def ensure_embedded_redis(cfg: RedisConfig) -> bool:
     return True
 
 
-def resolve_redis_url(cfg: RedisConfig) -> str:
-    """The URL in the environment variable ``cfg.url_env``, else ``cfg.url``, or the embedded server on ``cfg.embedded_port`` (reused when one already
-    answers there, e.g. left by an earlier run; else started with an append-only file in
-    ``cfg.embedded_dir``, so queued jobs survive a restart of the application)."""
-    global _singleton
+def configured_redis_url(cfg: RedisConfig) -> Optional[str]:
+    """The URL the config names: the variable ``cfg.url_env`` when set (an error if it is
+    missing or empty), else ``cfg.url``; None means the embedded server."""
     if cfg.url_env:
         url = os.environ.get(cfg.url_env)
         if not url:
             raise ValueError(f"redis.url_env names {cfg.url_env}, which is not set or empty")
         return url
-    if cfg.url:
-        return cfg.url
+    return cfg.url
+
+
+def resolve_redis_url(cfg: RedisConfig) -> str:
+    """The URL in the environment variable ``cfg.url_env``, else ``cfg.url``, or the embedded server on ``cfg.embedded_port`` (reused when one already
+    answers there, e.g. left by an earlier run; else started with an append-only file in
+    ``cfg.embedded_dir``, so queued jobs survive a restart of the application)."""
+    global _singleton
+    configured = configured_redis_url(cfg)
+    if configured:
+        return configured
     url = f"redis://127.0.0.1:{cfg.embedded_port}/0"
     with _singleton_lock:
         if _answers_ping(url):
