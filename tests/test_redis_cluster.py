@@ -3,6 +3,7 @@ loopback, slots spread over them, the service's keys under a hash-tagged prefix.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 
@@ -25,7 +26,7 @@ SLOTS = 16384
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Three master nodes, slots split in thirds, joined with CLUSTER MEET."""
-    ports = [free_port() for _ in range(3)]
+    ports = [_cluster_port() for _ in range(3)]
     procs, logs = [], []
     for port in ports:
         d = tmp_path_factory.mktemp(f"node{port}")
@@ -53,6 +54,19 @@ def cluster(tmp_path_factory):
         for p in procs:
             p.kill()
             p.wait(5)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster-bus port (port + 10000) exists and is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    pass
 
 
 def _pings(client) -> bool:
