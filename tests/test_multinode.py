@@ -28,6 +28,7 @@ from workers.sample_media import astronaut, make_face_video
 
 BIN = Path(sys.executable).parent
 CLIP_S, SECONDS, JOBS = 2.0, 8.0, 8
+OBJECT_STORE_BYTES = 256 * 2**20
 
 
 class LocalCluster:
@@ -41,7 +42,9 @@ class LocalCluster:
         self.env["RAY_AUTH_MODE"] = "disabled"
 
     def _ray(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([str(BIN / "ray"), "start", "--disable-usage-stats", *args],
+        # A small object store per node: five raylets on one machine each default to 30% of RAM.
+        return subprocess.Popen([str(BIN / "ray"), "start", "--disable-usage-stats",
+                                 "--object-store-memory", str(OBJECT_STORE_BYTES), *args],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
 
@@ -80,6 +83,13 @@ class LocalCluster:
         [pid] = [p for p in self._pids(f"--node_id={node_id}")
                  if "raylet" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode()]
         return pid
+
+    def log_tails(self, chars: int = 1500) -> str:
+        """The end of the Serve controller's and replicas' logs: where a start-up stalls."""
+        out = []
+        for path in sorted(Path(self.temp).glob("session_latest/logs/serve/*.log")):
+            out.append(f"--- {path.name}\n{path.read_text(errors='replace')[-chars:]}")
+        return "\n".join(out)[-12000:]
 
     def stop(self) -> None:
         for pid in self._pids(self.temp):
@@ -147,13 +157,27 @@ def test_app_across_nodes_survives_a_killed_raylet(cluster, redis_url, service_c
     assert len(nodes) == 4
     streams = sorted(i for i, r in nodes.items() if "streams" in r)
     [detector_node] = [i for i, r in nodes.items() if "detector" in r]
+    log_path = tmp_path / "serve-run.log"  # a file, not a pipe: nobody reads a pipe, it fills
+    log_file = log_path.open("wb")
     proc = subprocess.Popen([str(BIN / "serve"), "run", str(cfg_path)], cwd=tmp_path,
                             env={**cluster.env, "RAY_ADDRESS": cluster.address},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{http}/pel"
+    last: dict = {}
+
+    def app_up() -> dict:
+        assert proc.poll() is None, f"serve run exited ({proc.returncode})"
+        last.update(s := _status(url))
+        return s if s.get("model") and all("node_id" in w for w in s["workers"]) else {}
+
     try:
-        up = _wait(lambda: (s := _status(url)) and s.get("model") and
-                   all("node_id" in w for w in s["workers"]) and s, "the app", 300)
+        try:
+            up = _wait(app_up, "the app", 420)
+        except AssertionError as exc:  # say why: serve run's log, the status, Ray's view
+            tail = log_path.read_text(errors="replace")[-6000:]
+            raise AssertionError(f"{exc}\nlast status: {json.dumps(last)[:3000]}\n"
+                                 f"nodes: {cluster.nodes()}\nserve run log tail:\n{tail}"
+                                 f"\n{cluster.log_tails()}") from None
         # Placement by resources: replicas on the detector node, workers spread over both
         # stream nodes, nothing of either on the head.
         assert up["model"]["node_id"] == detector_node
@@ -198,5 +222,4 @@ def test_app_across_nodes_survives_a_killed_raylet(cluster, redis_url, service_c
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             stop_process(proc)
-        if proc.stderr:
-            proc.stderr.close()
+        log_file.close()
