@@ -58,7 +58,8 @@ def clip_verdicts(folder: Path, checkpoint: Path | None = None, sample_fps: floa
                     "video_label": None if video_p is None else
                     ("fake" if video_p >= scorer.threshold else "real"),
                     "clips": [{k: v[k] for k in ("clip_index", "start_s", "end_s", "faces_scored",
-                                                  "fake_probability", "label")} for v in verdicts]})
+                                                  "fake_probability", "label", "tracks")}
+                              for v in verdicts]})
     return out
 
 

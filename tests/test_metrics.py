@@ -35,10 +35,11 @@ BATCHES = [(8, 0.031), (3, 0.012), (32, 0.21)]
 FRAMES = {"decoded": 250, "sampled": 20, "dropped": 230}
 ERRORS = ["stalled", "unreachable"]
 DEAD = ["lease_expired", "invalid_job"]
-RECONNECTS, REDELIVERIES, ACTIVE, QUEUED = 2, 1, 3, 4
+RECONNECTS, REDELIVERIES, ACTIVE, QUEUED, WORKERS = 2, 1, 3, 4, 5
 PLAN = {"model": MODEL, "clips": CLIPS, "faces": FACE_SCORES, "batches": BATCHES,
         "frames": FRAMES, "errors": ERRORS, "dead": DEAD, "reconnects": RECONNECTS,
-        "redeliveries": REDELIVERIES, "active": ACTIVE, "queued": QUEUED}
+        "redeliveries": REDELIVERIES, "active": ACTIVE, "queued": QUEUED,
+        "workers": WORKERS}
 
 
 # ---- fixtures: Ray, the recording actor, Prometheus ----------------------------------------
@@ -83,6 +84,7 @@ def recorder(ray_metrics_port: int):
                 m.dead_letter(reason)
             m.set_active_streams(plan["active"])
             m.set_queue_depth(plan["queued"])
+            m.set_stream_workers(plan["workers"])
             m.set_detector_ready(model, True)
 
     actor = Recorder.remote()
@@ -247,6 +249,7 @@ def test_counters_match_what_was_recorded(scraped):
     assert _value(url, f"sum(ray_pel_job_redeliveries_total{{{sel}}})") == n * REDELIVERIES
     assert _value(url, f"sum(ray_pel_active_streams{{{sel}}})") == ACTIVE
     assert _value(url, f"max(ray_pel_queue_depth{{{sel}}})") == QUEUED
+    assert _value(url, f"max(ray_pel_stream_workers{{{sel}}})") == WORKERS
     assert _value(url, f'sum(ray_pel_detector_ready{{{sel},model="{MODEL}"}})') == 1
 
 

@@ -375,3 +375,21 @@ def test_resolve_redis_url(redis_url, tmp_path):
         assert (tmp_path / "redis").is_dir()
     finally:
         client.shutdown(nosave=True)
+
+
+def test_forget_consumer_only_when_it_holds_no_pending_job(redis_client):
+    redis_client.flushdb()
+    busy = make_queue(redis_client, "busy")
+    busy.push("https://cdn.example.com/a.mp4")
+    job = busy.claim(block_ms=0)
+    redis_client.xgroup_createconsumer(busy.keys.stream, busy.keys.group, "idle")  # holds nothing
+
+    def names():
+        return {c["name"] for c in redis_client.xinfo_consumers(busy.keys.stream, busy.keys.group)}
+
+    assert names() == {"busy", "idle"}
+    assert busy.forget_consumer("idle") and names() == {"busy"}
+    assert not busy.forget_consumer("busy") and names() == {"busy"}  # its job stays pending
+    assert busy.complete(job)
+    assert busy.forget_consumer("busy") and names() == set()
+    assert not busy.forget_consumer("never-seen")

@@ -3,13 +3,14 @@
 Two deployments, both thin:
 - `PELDetector` (workers/detector.py): the network, on GPU replicas when the cluster has GPUs.
 - `Moderator` (ingress): resolves Redis (starting an embedded redis-server when no URL is
-  configured), starts the `StreamWorker` actors and keeps them running, exports the queue gauges,
-  and answers `GET /` with the service status.
+  configured), starts the `StreamWorker` actors and keeps them running (and sized to the queue,
+  workers/autoscale.py), exports the queue gauges, and answers `GET /` with the service status.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import ray
 from ray import serve
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse
 
 from pel_model.config import AppConfig
 
+from .autoscale import WorkerScaler
 from .detector import PELDetector
 from .metrics import metrics
 from .queue import JobQueue
@@ -30,6 +32,7 @@ from .stream_worker import StreamWorker
 log = logging.getLogger(__name__)
 MONITOR_INTERVAL_S = 2.0
 STATUS_TIMEOUT_S = 3.0
+WEDGED_S = 180.0  # a worker silent this long is restarted (Ray recreates the actor)
 
 
 @serve.deployment(name="Moderator", ray_actor_options={"num_cpus": 0.1})
@@ -45,6 +48,10 @@ class Moderator:
         self.metrics.preregister()
         self._dead_seen = "$"
         self.workers = [self._spawn(i) for i in range(self.cfg.intake.stream_workers)]
+        self.draining: list = []  # told to drain; removed once idle (autoscale.py)
+        self._next_index = len(self.workers)
+        self._silent_since: dict[int, float] = {}  # id(worker) -> first unanswered status
+        self.scaler = WorkerScaler.from_config(self.cfg.intake)
         self.model = None
         self._monitor = asyncio.get_event_loop().create_task(self._watch())
 
@@ -62,22 +69,69 @@ class Moderator:
                 self.metrics.set_queue_depth(await asyncio.to_thread(self.queue.queue_depth))
                 await asyncio.to_thread(self._count_dead_letters)
                 if self.model is None:
-                    self.model = await self.detector.info.remote()
+                    self.model = await asyncio.wait_for(self.detector.info.remote(), 30)
                 await self._restart_stuck_workers()
+                if self.scaler is not None:
+                    await self._autoscale()
+                self.metrics.set_stream_workers(len(self.workers))
             except Exception as exc:  # Redis or detector briefly unavailable: keep watching
                 log.warning("monitor: %s", exc)
             await asyncio.sleep(MONITOR_INTERVAL_S)
 
     async def _restart_stuck_workers(self) -> None:
-        """A worker whose job threads died is restarted (Ray recreates the actor)."""
+        """A worker whose job threads died, or that has not answered for WEDGED_S, is
+        restarted (Ray recreates the actor; its jobs come back after their leases)."""
+        now = time.monotonic()
         for w in self.workers:
             try:
                 status = await asyncio.wait_for(w.status.remote(), timeout=10)
-            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
-                continue  # starting, or being restarted by Ray
+                self._silent_since.pop(id(w), None)
+            except ray.exceptions.RayActorError:
+                continue  # being restarted by Ray
+            except asyncio.TimeoutError:  # starting, busy, or wedged
+                if now - self._silent_since.setdefault(id(w), now) > WEDGED_S:
+                    log.warning("restarting a stream worker silent for %.0f s", WEDGED_S)
+                    self._silent_since.pop(id(w))
+                    ray.kill(w, no_restart=False)
+                continue
             if status["threads_alive"] < self.cfg.intake.streams_per_worker:
                 log.warning("restarting stream worker %s: job threads died", status["consumer"])
                 ray.kill(w, no_restart=False)
+
+    async def _autoscale(self) -> None:
+        s = await asyncio.to_thread(self.queue.stats)
+        demand = s["listed"] + s["undelivered"] + s["pending"]  # waiting + running jobs
+        target = self.scaler.target(len(self.workers), demand, time.monotonic())
+        if target > len(self.workers):
+            log.info("autoscale: %d -> %d stream workers (%d jobs)", len(self.workers), target,
+                     demand)
+        while len(self.workers) < target:
+            self.workers.append(self._spawn(self._next_index))
+            self._next_index += 1
+        if target < len(self.workers):  # drain the least busy; none of their streams stops
+            statuses = await asyncio.gather(*(self._worker_status(w) for w in self.workers))
+            busy = {id(w): len(st["active_jobs"]) if "active_jobs" in st else 1 << 20
+                    for w, st in zip(self.workers, statuses)}
+            leaving = sorted(self.workers, key=lambda w: busy[id(w)])[:len(self.workers) - target]
+            log.info("autoscale: %d -> %d stream workers (%d jobs), draining %d",
+                     len(self.workers), target, demand, len(leaving))
+            for w in leaving:
+                self.workers.remove(w)
+                self.draining.append(w)
+                w.drain.remote()
+        await self._reap_drained()
+
+    async def _reap_drained(self) -> None:
+        for w in list(self.draining):
+            st = await self._worker_status(w)
+            if "error" in st:
+                continue  # starting or restarting: ask again next round
+            if not st["draining"]:  # Ray restarted it (its node was lost): tell it again
+                w.drain.remote()
+            elif st["threads_alive"] == 0 and not st["active_jobs"]:
+                ray.kill(w, no_restart=True)
+                self.draining.remove(w)
+                await asyncio.to_thread(self.queue.forget_consumer, st["consumer"])
 
     def _count_dead_letters(self) -> None:
         """Count every new dead letter once, whatever produced it (worker, claim, lease expiry)."""
@@ -105,7 +159,8 @@ class Moderator:
 
     async def status(self) -> dict:
         """Service status; answers within a few seconds even when Redis or a worker is down."""
-        workers = await asyncio.gather(*(self._worker_status(w) for w in self.workers))
+        workers = await asyncio.gather(*(self._worker_status(w)
+                                         for w in self.workers + self.draining))
         try:
             stats = await asyncio.wait_for(asyncio.to_thread(self.queue.stats), STATUS_TIMEOUT_S)
             redis_ok = True
@@ -141,9 +196,15 @@ def build_app(args: dict | None = None) -> serve.Application:
     num_gpus = d.num_gpus
     if num_gpus is None:  # GPU replicas when the cluster has GPUs, CPU otherwise
         num_gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    log.info("detector: %d replica(s), %g GPU(s) each", d.num_replicas, num_gpus)
+    if d.autoscaling is not None:  # Serve sizes the replicas on their requests in flight
+        scale = {"autoscaling_config": d.autoscaling.model_dump()}
+        log.info("detector: %d-%d replica(s), %g GPU(s) each", d.autoscaling.min_replicas,
+                 d.autoscaling.max_replicas, num_gpus)
+    else:
+        scale = {"num_replicas": d.num_replicas}
+        log.info("detector: %d replica(s), %g GPU(s) each", d.num_replicas, num_gpus)
     detector = PELDetector.options(
-        num_replicas=d.num_replicas, max_ongoing_requests=max(d.max_ongoing_requests, 2 * d.max_batch_size),
+        **scale, max_ongoing_requests=max(d.max_ongoing_requests, 2 * d.max_batch_size),
         ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": num_gpus,
                            "resources": dict(d.resources)},
     ).bind(d.model_dump(mode="json"))

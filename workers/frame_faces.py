@@ -18,6 +18,8 @@ import numpy as np
 from pel_model.config import AppConfig
 from pel_model.faces import FaceDetector, extract_faces_counted
 
+from .face_tracks import FaceTracker
+
 
 class Pending(Protocol):
     def result(self, timeout_s: Optional[float] = None) -> Any: ...
@@ -39,16 +41,16 @@ class ClipRequests:
     def __init__(self, submit: Optional[Callable[[np.ndarray], Pending]], per_request: int):
         self.submit, self.per_request = submit, per_request
         self.crops: list[np.ndarray] = []
-        self.meta: list[tuple[float, Any]] = []  # (media time, face) of each crop
+        self.meta: list[tuple[float, Any, int]] = []  # (media time, face, track id) per crop
         self.pending: list[Pending] = []
         self.skipped = 0  # faces found beyond max_faces_per_frame
         self._sent = 0
 
-    def add(self, pts_s: float, found: list, skipped: int) -> None:
+    def add(self, pts_s: float, found: list, skipped: int, tracks: list[int]) -> None:
         self.skipped += skipped
-        for face, crop in found:
+        for (face, crop), track in zip(found, tracks, strict=True):
             self.crops.append(crop)
-            self.meta.append((pts_s, face))
+            self.meta.append((pts_s, face, track))
         while len(self.crops) - self._sent >= self.per_request:
             self._send(self._sent + self.per_request)
 
@@ -84,8 +86,9 @@ def detect_frames(frames: Iterable, faces: FaceDetector, cfg: AppConfig, size: i
     """Detect and crop each sampled frame as it arrives (see the module doc). Frames of one
     window `[i * clip_seconds, (i + 1) * clip_seconds)` share one `ClipRequests`; it is flushed
     when the first frame of a later window arrives or the stream ends (or breaks off), before
-    `clip_windows` emits the clip."""
+    `clip_windows` emits the clip. Faces are linked into tracks across the whole stream."""
     window, requests = None, None
+    tracker = FaceTracker(cfg.tracks)
     try:
         for frame in frames:
             i = math.floor(frame.pts_s / clip_seconds + 1e-9)
@@ -97,7 +100,8 @@ def detect_frames(frames: Iterable, faces: FaceDetector, cfg: AppConfig, size: i
                 yield FrameFaces(frame.index, frame.pts_s, requests, dropped=True)
                 continue
             found, extra = extract_faces_counted(frame.rgb, faces, cfg.faces, size)
-            requests.add(frame.pts_s, found, extra)
+            requests.add(frame.pts_s, found, extra, tracker.assign(frame.pts_s,
+                                                                   [f for f, _ in found]))
             yield FrameFaces(frame.index, frame.pts_s, requests)
     except Exception:  # the stream broke off: its last window is still scored
         if requests is not None:

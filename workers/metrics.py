@@ -18,6 +18,7 @@ ray_pel_inference_seconds              histogram  model; detector time per batch
 ray_pel_clip_latency_seconds           histogram  model; end of clip (media time) to verdict
 ray_pel_active_streams                 gauge      streams being decoded by this worker
 ray_pel_queue_depth                    gauge      jobs waiting in Redis (cluster-wide: use max)
+ray_pel_stream_workers                 gauge      stream workers kept by the Moderator (use max)
 ray_pel_detector_ready                 gauge      model; 1 per detector replica ready to score
 ray_pel_stream_reconnects_total        counter    reconnects of live sources
 ray_pel_stream_errors_total            counter    reason (`STREAM_ERROR_REASONS`)
@@ -73,6 +74,8 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                  "seconds", ("model",)),
     "pel_active_streams": ("gauge", "Streams being decoded by this worker", ()),
     "pel_queue_depth": ("gauge", "Jobs waiting in the Redis queue (cluster-wide value)", ()),
+    "pel_stream_workers": ("gauge", "Stream worker actors kept by the Moderator (draining "
+                           "ones excluded)", ()),
     "pel_detector_ready": ("gauge", "1 while this detector replica can score", ("model",)),
     "pel_stream_reconnects_total": ("counter", "Reconnects of live stream sources", ()),
     "pel_stream_errors_total": ("counter", "Stream failures by reason", ("reason",)),
@@ -203,6 +206,9 @@ class Metrics:
 
     def set_queue_depth(self, n: int) -> None:
         self._set("pel_queue_depth", _count(n, "queue depth"))
+
+    def set_stream_workers(self, n: int) -> None:
+        self._set("pel_stream_workers", _count(n, "stream workers"))
 
     def set_detector_ready(self, model: str, ready: bool) -> None:
         self._set("pel_detector_ready", 1.0 if ready else 0.0, _model(model))

@@ -1,11 +1,13 @@
 """One job, from URL to verdicts: the path every frame takes.
 
     check_url -> iter_sampled_frames (PyAV, sampled by media time)
-      -> detect_frames (CenterFace + the training crop as each frame arrives; the frame's
-         pixels are dropped, its crops go to the detector in requests of up to
-         `crops_per_request`, merged across streams by the Serve deployment)
+      -> detect_frames (CenterFace + the training crop as each frame arrives, faces linked
+         into tracks by face_tracks.py; the frame's pixels are dropped, its crops go to the
+         detector in requests of up to `crops_per_request`, merged across streams by the
+         Serve deployment)
       -> clip_windows -> score_clip (collects the clip's scores; retried while a replica
-         restarts) -> make_verdict -> callback (the stream worker stores it and counts it)
+         restarts) -> make_verdict (tracks decide the label) -> callback (the stream worker
+         stores it and counts it)
 
 Decoding, face detection and inference overlap: while the detector scores a request, the next
 frames are decoded (in the decoder's thread) and searched for faces (in the job's thread).
@@ -92,7 +94,8 @@ def score_clip(clip: Clip, cfg: AppConfig, submit: Callable[[np.ndarray], Pendin
         delay = min(delay * 2, 10.0)
         n = cfg.stream.crops_per_request
         pending = [submit(np.stack(req.crops[i:i + n])) for i in range(0, len(req.crops), n)]
-    return [ScoredFace(t, face, s) for (t, face), s in zip(req.meta, scores)], req.skipped
+    return [ScoredFace(t, face, s, track) for (t, face, track), s in zip(req.meta, scores)], \
+        req.skipped
 
 
 @dataclass
@@ -159,7 +162,8 @@ def _score_clips(job: Job, url: str, clips, cfg: AppConfig, info: ModelInfo,
             frames_sampled=len(clip.frames), scored=scored, threshold=info.threshold,
             model=info.model_id, warnings=info.warnings, top_k=cfg.stream.top_frames,
             latency_s=time.time() - clip_ready, error=error, trained=info.trained,
-            frames_dropped=clip.dropped, faces_skipped=skipped, cut_by=clip.cut_by)
+            frames_dropped=clip.dropped, faces_skipped=skipped, cut_by=clip.cut_by,
+            min_track_faces=cfg.tracks.min_faces)
         if hooks.on_verdict:
             hooks.on_verdict(verdict, clip_ready)
         totals.clips_done += 1

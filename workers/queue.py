@@ -516,6 +516,18 @@ class JobQueue:
         return {"listed": int(listed), "undelivered": max(0, int(in_stream) - pending),
                 "pending": pending, "active": int(active), "dead_letters": int(dead)}
 
+    def forget_consumer(self, consumer: str) -> bool:
+        """Drop a retired worker's consumer from the group, only if it holds no pending job
+        (XGROUP DELCONSUMER would drop those entries too)."""
+        for c in self.r.xinfo_consumers(self.keys.stream, self.keys.group):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            if name == consumer:
+                if int(c["pending"]):
+                    return False
+                self.r.xgroup_delconsumer(self.keys.stream, self.keys.group, consumer)
+                return True
+        return False
+
     def queue_depth(self) -> int:
         """Jobs waiting for a worker: still on the list plus in the stream, never delivered."""
         s = self.stats()

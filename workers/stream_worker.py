@@ -27,6 +27,7 @@ from .urls import UrlRejected
 from .verdicts import VerdictStore
 
 log = logging.getLogger(__name__)
+INFO_TIMEOUT_S = 30.0  # one ask for the detector's ModelInfo; asked again after it
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -41,9 +42,10 @@ class StreamWorker:
         self.faces = make_detector(self.cfg.faces)
         self.detector = detector
         self.metrics = metrics(self.cfg.metrics.enabled)
-        self.info = ModelInfo(**{k: v for k, v in detector.info.remote().result().items()
-                                 if k in ModelInfo.__dataclass_fields__})
+        self.info: ModelInfo | None = None  # asked for by the job threads, not here: see _model_info
+        self._info_lock = threading.Lock()
         self.stop = threading.Event()
+        self.draining = threading.Event()  # claim nothing new, finish what runs (autoscale.py)
         self.active: dict[str, str] = {}
         self.threads = [threading.Thread(target=self._loop, name=f"job-{i}", daemon=True)
                         for i in range(self.cfg.intake.streams_per_worker)]
@@ -53,15 +55,38 @@ class StreamWorker:
     def status(self) -> dict:
         return {"consumer": self.queue.consumer, "active_jobs": sorted(self.active),
                 "threads_alive": sum(t.is_alive() for t in self.threads),
+                "draining": self.draining.is_set(), "model_ready": self.info is not None,
                 "node_id": ray.get_runtime_context().get_node_id()}
+
+    def drain(self) -> None:
+        """Stop claiming jobs; running ones finish. Idle once `threads_alive` is 0."""
+        self.draining.set()
 
     def shutdown(self) -> None:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=10)
 
+    def _model_info(self) -> ModelInfo | None:
+        """The detector's input size and threshold, asked once with a timeout and asked again
+        until it answers. Not in the constructor: a first request that never returns would leave
+        the actor unable to answer `status` (seen once on a loaded multi-node cluster)."""
+        with self._info_lock:
+            while self.info is None and not self.stop.is_set():
+                try:
+                    info = self.detector.info.remote().result(timeout_s=INFO_TIMEOUT_S)
+                    self.info = ModelInfo(**{k: v for k, v in info.items()
+                                             if k in ModelInfo.__dataclass_fields__})
+                except Exception as exc:  # replica starting, or the request was lost: ask again
+                    log.warning("detector info not available yet (%s: %s); asking again",
+                                type(exc).__name__, exc)
+                    self.stop.wait(1.0)
+            return self.info
+
     def _loop(self) -> None:
-        while not self.stop.is_set():
+        while not (self.stop.is_set() or self.draining.is_set()):
+            if self._model_info() is None:
+                return  # stopping
             try:
                 job = self.queue.claim(self.cfg.intake.poll_block_ms)
             except Exception as exc:  # Redis down, or anything else: this thread must live on

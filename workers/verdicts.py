@@ -24,6 +24,7 @@ from pel_model.config import RedisConfig
 from workers.jobs import redact_url
 
 LABELS = frozenset({"fake", "real", "no_face", "error", "gap", "untrained"})
+TRACK_LABELS = frozenset({"fake", "real", "too_few_faces", "untrained"})
 REQUIRED_KEYS = (
     "job_id", "url", "clip_index", "start_s", "end_s", "frames_sampled", "faces_scored",
     "fake_probability", "label", "threshold", "model", "top_frames", "latency_s", "warnings",
@@ -67,10 +68,23 @@ def validate_verdict(verdict: dict[str, Any]) -> dict[str, Any]:
         math.isfinite(prob) and 0.0 <= prob <= 1.0
     ):
         raise InvalidVerdict(f"fake_probability must be in [0, 1] or None, got {prob!r}")
+    for t in verdict.get("tracks", []):  # optional: verdicts written before tracks lack it
+        _check_track(t)
     out = dict(verdict)
     if isinstance(out["url"], str):
         out["url"] = redact_url(out["url"])
     return out
+
+
+def _check_track(t: Any) -> None:
+    if not isinstance(t, dict) or not {"track_id", "label", "fake_probability",
+                                       "faces_scored"} <= set(t):
+        raise InvalidVerdict(f"a track needs track_id, label, fake_probability, faces_scored: {t!r}")
+    if t["label"] not in TRACK_LABELS:
+        raise InvalidVerdict(f"track label must be one of {sorted(TRACK_LABELS)}, got {t['label']!r}")
+    p = t["fake_probability"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise InvalidVerdict(f"track fake_probability must be in [0, 1], got {p!r}")
 
 
 class VerdictStore:
