@@ -19,12 +19,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 install: $(VENV)/.installed
 
-# Test-only system tools: ffmpeg (HLS/RTMP test servers), redis-server, prometheus + promtool.
+# Test-only system tools: ffmpeg (HLS/RTMP test servers), redis-server, prometheus + promtool,
+# chromium + chromedriver (the review page's browser test).
 system-deps:
-	@missing=""; for c in ffmpeg redis-server prometheus promtool; do command -v $$c >/dev/null || missing=1; done; \
+	@missing=""; for c in ffmpeg redis-server prometheus promtool chromium chromedriver; do command -v $$c >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg redis-server prometheus >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg redis-server prometheus chromium chromium-driver >/dev/null; \
 	fi
 
 # The shipped model's ONNX export, where replicas load it (they then start in seconds).

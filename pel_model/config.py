@@ -287,6 +287,32 @@ class MetricsConfig(_Strict):
     enabled: bool = True
 
 
+class EvidenceConfig(_Strict):
+    """What moderators see of a flagged track (workers/evidence.py, workers/evidence_store.py):
+    the scored face crop and an explanation heatmap (pel_model/grad_cam.py), kept in a local
+    folder (on a cluster: one folder every node mounts) under a retention limit."""
+
+    tracks: Literal["flagged", "all", "off"] = "flagged"  # tracks whose face is stored
+    heatmaps: bool = True  # a PELExplainer deployment (0 replicas when idle) draws them
+    dir: Path = Path("~/.cache/pel-moderation/evidence")
+    retention_hours: float = Field(72.0, gt=0)
+    max_megabytes: float = Field(1024.0, gt=0)
+    explainer_num_cpus: float = Field(0.25, gt=0)
+    explainer_max_replicas: int = Field(1, ge=1)
+
+
+class ReviewConfig(_Strict):
+    """The review page (`GET /pel/review`, workers/review.py). Without a token only loopback
+    clients are served; with one, every request must carry it (Bearer header, `?token=` once,
+    then a cookie)."""
+
+    enabled: bool = True
+    token: Optional[str] = Field(None, min_length=16)
+    token_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    grafana_url: str = "http://localhost:3000/d/pel-moderation/pel-moderation"
+    recent_clips: int = Field(50, ge=1, le=1000)  # flagged clips the page lists
+
+
 class AppConfig(_Strict):
     """Everything `serve run deploy/app.yaml` needs."""
 
@@ -298,6 +324,8 @@ class AppConfig(_Strict):
     urls: UrlPolicyConfig = UrlPolicyConfig()
     detector: DetectorConfig = DetectorConfig()
     metrics: MetricsConfig = MetricsConfig()
+    evidence: EvidenceConfig = EvidenceConfig()
+    review: ReviewConfig = ReviewConfig()
 
 
 class DataSource(_Strict):

@@ -1,49 +1,70 @@
 """The Serve application: `serve run deploy/app.yaml` -> `build_app(args)`.
 
-Two deployments, both thin:
+Three deployments, all thin:
 - `PELDetector` (workers/detector.py): the network, on GPU replicas when the cluster has GPUs.
-- `Moderator` (ingress): resolves Redis (starting an embedded redis-server when no URL is
-  configured), starts the `StreamWorker` actors and keeps them running (and sized to the queue,
-  workers/autoscale.py), exports the queue gauges, and answers `GET /` with the service status.
+- `PELExplainer` (workers/explainer.py): heatmaps of flagged tracks, 0 replicas when idle.
+- `Moderator` (ingress, FastAPI): resolves Redis (starting an embedded redis-server when no URL
+  is configured), starts the `StreamWorker` actors and keeps them running (and sized to the
+  queue, workers/autoscale.py), exports the queue gauges, applies the evidence retention, and
+  answers `GET /` with the service status and `/review` (+ `/api/...`, `/evidence/...`) with
+  the moderators' review page (workers/review.py).
+
+No `from __future__ import annotations` here: FastAPI reads the route methods' annotations
+(`request: Request`) as real types.
 """
-from __future__ import annotations
 
 import asyncio
 import logging
 import time
 
 import ray
+from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse
 
 from pel_model.config import AppConfig
 
 from .autoscale import WorkerScaler
 from .detector import PELDetector
+from .evidence_store import EvidenceStore
+from .explainer import PELExplainer
 from .metrics import metrics
 from .queue import JobQueue
 from .redact import install_log_redaction, redact_url
 from .redis_client import connect
 from .redis_server import ensure_embedded_redis, resolve_redis_url
+from .review import COOKIE, ReviewDesk, ReviewError
 from .stream_worker import StreamWorker
 
 log = logging.getLogger(__name__)
 MONITOR_INTERVAL_S = 2.0
 STATUS_TIMEOUT_S = 3.0
 WEDGED_S = 180.0  # a worker silent this long is restarted (Ray recreates the actor)
+SWEEP_INTERVAL_S = 60.0  # evidence retention
+api = FastAPI(title="pel-moderation", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _review_error(exc: ReviewError) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
 
 @serve.deployment(name="Moderator", ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(api)
 class Moderator:
-    def __init__(self, cfg: dict, detector: DeploymentHandle):
+    def __init__(self, cfg: dict, detector: DeploymentHandle,
+                 explainer: DeploymentHandle | None = None):
         install_log_redaction()
         self.cfg = AppConfig.model_validate(cfg)
         self.redis_url = resolve_redis_url(self.cfg.redis)
         self.queue = JobQueue(connect(self.redis_url, self.cfg.redis), self.cfg.redis,
                               self.cfg.intake, "moderator")
         self.detector = detector
+        self.explainer = explainer
+        self.desk = ReviewDesk(self.cfg, self.redis_url)
+        self.evidence = EvidenceStore(self.cfg.evidence)
+        self._swept = 0.0
         self.metrics = metrics(self.cfg.metrics.enabled)
         self.metrics.preregister()
         self._dead_seen = "$"
@@ -60,7 +81,7 @@ class Moderator:
         return StreamWorker.options(num_cpus=intake.worker_num_cpus,  # spread: a node lost
                                     resources=dict(intake.worker_resources),  # takes few streams
                                     scheduling_strategy="SPREAD").remote(
-            self.cfg.model_dump(mode="json"), self.redis_url, self.detector, index)
+            self.cfg.model_dump(mode="json"), self.redis_url, self.detector, index, self.explainer)
 
     async def _watch(self) -> None:
         while True:
@@ -71,6 +92,9 @@ class Moderator:
                 if self.model is None:
                     self.model = await asyncio.wait_for(self.detector.info.remote(), 30)
                 await self._restart_stuck_workers()
+                if time.monotonic() - self._swept > SWEEP_INTERVAL_S:
+                    self._swept = time.monotonic()
+                    await asyncio.to_thread(self.evidence.sweep)
                 if self.scaler is not None:
                     await self._autoscale()
                 self.metrics.set_stream_workers(len(self.workers))
@@ -175,9 +199,54 @@ class Moderator:
                 "model": self.model, "metrics_endpoints": scrape,
                 "node_id": ray.get_runtime_context().get_node_id()}
 
-    async def __call__(self, request: Request):
+    @api.get("/")
+    async def service_status(self):
         status = await self.status()
         return JSONResponse(status, status_code=200 if status["redis_ok"] else 503)
+
+    def _authorize(self, request: Request, write: bool = False) -> None:
+        self.desk.authorize(request.client.host if request.client else "", dict(request.headers),
+                            dict(request.query_params), dict(request.cookies), write)
+
+    @api.get("/review")
+    async def review_page(self, request: Request):
+        try:
+            self._authorize(request)
+        except ReviewError as exc:
+            return _review_error(exc)
+        page = HTMLResponse(self.desk.page(), headers={"Cache-Control": "no-store"})
+        token = request.query_params.get("token")
+        if token:  # later requests of the page carry it as a cookie, not in its URLs
+            page.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        return page
+
+    @api.get("/api/flagged")
+    async def flagged(self, request: Request):
+        try:
+            self._authorize(request)
+            return JSONResponse(await asyncio.to_thread(self.desk.flagged))
+        except ReviewError as exc:
+            return _review_error(exc)
+
+    @api.post("/api/review")
+    async def review(self, request: Request):
+        try:
+            self._authorize(request, write=True)
+            try:
+                body = await request.json()
+            except ValueError:
+                raise ReviewError(400, "expected a JSON body") from None
+            return JSONResponse(await asyncio.to_thread(self.desk.mark, body))
+        except ReviewError as exc:
+            return _review_error(exc)
+
+    @api.get("/evidence/{key:path}")
+    async def evidence_file(self, key: str, request: Request):
+        try:
+            self._authorize(request)
+            return FileResponse(self.desk.evidence_file(key), media_type="image/png")
+        except ReviewError as exc:
+            return _review_error(exc)
 
 
 def metrics_endpoints() -> list[str]:
@@ -208,4 +277,13 @@ def build_app(args: dict | None = None) -> serve.Application:
         ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": num_gpus,
                            "resources": dict(d.resources)},
     ).bind(d.model_dump(mode="json"))
-    return Moderator.bind(cfg.model_dump(mode="json"), detector)
+    ev = cfg.evidence
+    explainer = None
+    if ev.heatmaps and ev.tracks != "off":  # scales from zero when a track is flagged
+        explainer = PELExplainer.options(
+            autoscaling_config={"min_replicas": 0, "initial_replicas": 0,
+                                "max_replicas": ev.explainer_max_replicas,
+                                "target_ongoing_requests": 2, "downscale_delay_s": 300},
+            ray_actor_options={"num_cpus": ev.explainer_num_cpus, "num_gpus": 0},
+        ).bind(d.model_dump(mode="json"), ev.model_dump(mode="json"))
+    return Moderator.bind(cfg.model_dump(mode="json"), detector, explainer)

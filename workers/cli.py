@@ -1,4 +1,5 @@
-"""`pel push`, `pel verdicts`, `pel status`, `pel demo`: the service from a shell.
+"""`pel push`, `pel verdicts`, `pel status`, `pel demo`, `pel feedback export`: the service
+from a shell.
 
 Each reads the same `deploy/app.yaml` the service runs with (`--config`), so the Redis URL and
 key prefix always match. With no Redis URL configured, they talk to the embedded server.
@@ -101,6 +102,13 @@ def _status(args) -> int:
     return 0
 
 
+def _feedback(args) -> int:
+    from .feedback import export_feedback
+    cfg = load_config(args.config)
+    print(json.dumps(export_feedback(_redis(cfg), cfg, Path(args.out)), indent=2))
+    return 0
+
+
 def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen) -> dict:
     import urllib.request
     deadline = time.time() + timeout_s
@@ -165,6 +173,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("job_id")
     p = cmd("status", _status, "queue statistics and recent dead letters")
     p.add_argument("--dead", type=int, default=10)
+    p = sub.add_parser("feedback", help="moderators' decisions as data")
+    fsub = p.add_subparsers(dest="feedback_command", required=True)
+    p = fsub.add_parser("export", help="reviewed faces as a CSV dataset for `pel prepare`")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="the service's app.yaml")
+    p.add_argument("--out", required=True, help="folder for index.csv and faces/")
+    p.set_defaults(func=_feedback)
     p = cmd("demo", _demo, "start the service, push a clip of a real face, print its verdicts")
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--timeout", type=float, default=600.0)

@@ -6,8 +6,9 @@
          detector in requests of up to `crops_per_request`, merged across streams by the
          Serve deployment)
       -> clip_windows -> score_clip (collects the clip's scores; retried while a replica
-         restarts) -> make_verdict (tracks decide the label) -> callback (the stream worker
-         stores it and counts it)
+         restarts) -> make_verdict (tracks decide the label) -> callbacks (the stream worker
+         stores flagged tracks' faces as evidence, evidence.py, then stores the verdict and
+         counts it)
 
 Decoding, face detection and inference overlap: while the detector scores a request, the next
 frames are decoded (in the decoder's thread) and searched for faces (in the job's thread).
@@ -48,6 +49,8 @@ class Hooks:
     on_dropped: Optional[Callable[[int], None]] = None
     on_reconnect: Optional[Callable[..., None]] = None
     on_sampled: Optional[Callable[[int], None]] = None
+    # (verdict, its scored faces): may add evidence references before the verdict is stored
+    on_scored: Optional[Callable[[dict, list[ScoredFace]], None]] = None
     on_verdict: Optional[Callable[[dict, float], None]] = None  # (verdict, clip end wall time)
 
 
@@ -94,8 +97,8 @@ def score_clip(clip: Clip, cfg: AppConfig, submit: Callable[[np.ndarray], Pendin
         delay = min(delay * 2, 10.0)
         n = cfg.stream.crops_per_request
         pending = [submit(np.stack(req.crops[i:i + n])) for i in range(0, len(req.crops), n)]
-    return [ScoredFace(t, face, s, track) for (t, face, track), s in zip(req.meta, scores)], \
-        req.skipped
+    return [ScoredFace(t, face, s, track, crop) for (t, face, track), s, crop
+            in zip(req.meta, scores, req.crops)], req.skipped
 
 
 @dataclass
@@ -164,6 +167,8 @@ def _score_clips(job: Job, url: str, clips, cfg: AppConfig, info: ModelInfo,
             latency_s=time.time() - clip_ready, error=error, trained=info.trained,
             frames_dropped=clip.dropped, faces_skipped=skipped, cut_by=clip.cut_by,
             min_track_faces=cfg.tracks.min_faces)
+        if hooks.on_scored and scored:
+            hooks.on_scored(verdict, scored)
         if hooks.on_verdict:
             hooks.on_verdict(verdict, clip_ready)
         totals.clips_done += 1

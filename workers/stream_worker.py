@@ -17,6 +17,7 @@ from pel_model.config import AppConfig
 from pel_model.faces import make_detector
 
 from .decode import StreamError, classify_error
+from .evidence import EvidenceRecorder
 from .jobs import Job
 from .metrics import metrics
 from .pipeline import Hooks, ModelInfo, run_job
@@ -32,7 +33,8 @@ INFO_TIMEOUT_S = 30.0  # one ask for the detector's ModelInfo; asked again after
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class StreamWorker:
-    def __init__(self, cfg: dict, redis_url: str, detector, worker_index: int = 0):
+    def __init__(self, cfg: dict, redis_url: str, detector, worker_index: int = 0,
+                 explainer=None):
         install_log_redaction()  # stream URLs carry credentials; FFmpeg echoes them
         self.cfg = AppConfig.model_validate(cfg)
         self.redis = connect(redis_url, self.cfg.redis)
@@ -41,6 +43,7 @@ class StreamWorker:
         self.verdicts = VerdictStore(self.redis, self.cfg.redis)
         self.faces = make_detector(self.cfg.faces)
         self.detector = detector
+        self.evidence = EvidenceRecorder(self.cfg.evidence, explainer)
         self.metrics = metrics(self.cfg.metrics.enabled)
         self.info: ModelInfo | None = None  # asked for by the job threads, not here: see _model_info
         self._info_lock = threading.Lock()
@@ -109,7 +112,13 @@ class StreamWorker:
                        time.time() - clip_ready)
                 m.faces_skipped(verdict.get("faces_skipped", 0))
 
-        return Hooks(on_decoded=lambda n: m.frames("decoded", n),
+        def on_scored(verdict: dict, scored: list) -> None:
+            try:
+                self.evidence.attach(verdict, scored)
+            except Exception:  # evidence is an extra: the verdict goes out without it
+                log.exception("evidence of clip %s failed", verdict.get("clip_index"))
+
+        return Hooks(on_scored=on_scored, on_decoded=lambda n: m.frames("decoded", n),
                      on_dropped=lambda n: m.frames("dropped", n),
                      on_sampled=lambda n: m.frames("sampled", n),
                      on_reconnect=lambda *a: m.reconnect(), on_verdict=on_verdict)

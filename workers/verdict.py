@@ -20,8 +20,10 @@ in `warnings`.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+import numpy as np
 
 from pel_model.faces import Face
 
@@ -32,6 +34,7 @@ class ScoredFace:
     face: Face
     score: float
     track: Optional[int] = None  # None: not tracked (the frame rule decides)
+    crop: Optional[np.ndarray] = field(default=None, compare=False, repr=False)  # evidence
 
 
 def _frame(s: ScoredFace) -> dict:
