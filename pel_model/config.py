@@ -86,6 +86,10 @@ class TrackConfig(_Strict):
     max_center_shift: float = Field(1.0, gt=0)  # ...or centre within this many face widths
     max_gap_s: float = Field(2.0, ge=0)  # media time a track may go unseen and continue
     min_faces: int = Field(3, ge=1)  # faces a track needs in a clip for its label to count
+    # CenterFace on every k-th sampled frame only; in between, the faces of the last detected
+    # frame are followed along their tracks (constant velocity) and cropped there. 1: detect on
+    # every sampled frame. Serving only (training crops are always detected).
+    detect_every: int = Field(1, ge=1, le=10)
 
 
 class RedisConfig(_Strict):

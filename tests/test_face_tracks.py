@@ -138,3 +138,18 @@ def test_bad_tracks_are_refused():
         validate_verdict({**v, "tracks": [{**v["tracks"][0], "label": "maybe"}]})
     with pytest.raises(InvalidVerdict, match="track fake_probability"):
         validate_verdict({**v, "tracks": [{**v["tracks"][0], "fake_probability": 1.5}]})
+
+
+def test_follow_moves_the_last_detected_faces_at_their_velocity():
+    tracker = FaceTracker(TrackConfig())
+    assert tracker.follow(0.0) == []
+    a, b = tracker.assign(0.0, [box(100, 100), box(300, 100)])
+    assert tracker.assign(0.5, [box(110, 104), box(300, 100)]) == [a, b]
+    followed = dict(tracker.follow(1.0))
+    assert set(followed) == {a, b}
+    assert followed[a].center == pytest.approx((120, 108)) and followed[b].center == pytest.approx((300, 100))
+    assert tracker.follow(1.0) == tracker.follow(1.0)  # following changes no track
+    # B not detected on the next detected frame: only A is followed after it, even though
+    # B's track is still alive (within max_gap_s)
+    assert tracker.assign(1.5, [box(130, 112)]) == [a]
+    assert [tid for tid, _ in tracker.follow(2.0)] == [a]

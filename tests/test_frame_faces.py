@@ -7,7 +7,7 @@ import pytest
 
 from pel_model.backends import OnnxRuntimeBackend
 from pel_model.config import AppConfig
-from pel_model.faces import extract_faces, make_detector
+from pel_model.faces import crop_face, extract_faces, make_detector
 from workers.decode import clip_windows, iter_sampled_frames
 from workers.frame_faces import FrameFaces, detect_frames
 from workers.pipeline import Hooks, ModelInfo, run_job, score_clip
@@ -152,3 +152,54 @@ def test_a_stream_that_breaks_off_still_scores_its_last_clip(clip_path, cfg, onn
     assert last["frames_sampled"] >= 1 and last["faces_scored"] == 2 * last["frames_sampled"]
     assert last["label"] not in ("error", "no_face", "gap")
     assert not any("broke off" in w for v in verdicts[:-1] for w in v["warnings"])
+
+
+class CountingDetector:
+    """The real CenterFace, counting how often it runs."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def detect(self, frame):
+        self.calls += 1
+        return self.inner.detect(frame)
+
+
+def test_detect_every_second_frame_follows_tracks_with_the_same_crops(tmp_path):
+    """tracks.detect_every = 2 on a face moving smoothly: CenterFace runs on half the sampled
+    frames; the frames in between get the followed face, cropped about where detection would
+    have cropped it (no further off than two detected frames 0.5 s apart are)."""
+    from media import make_moving_face_video
+    from workers.face_tracks import iou
+
+    path = make_moving_face_video(tmp_path / "moving.mp4", seconds=6.0)
+    cfg = AppConfig.model_validate({
+        "urls": {"allow_files": True, "file_roots": [str(tmp_path)]},
+        "stream": {"sample_fps": 2.0, "clip_seconds": 2.0}, "tracks": {"detect_every": 2}})
+    detector = make_detector(cfg.faces)
+    frames = list(_frames(path, cfg))
+    expected = {f.pts_s: extract_faces(f.rgb, detector, cfg.faces, 224) for f in frames}
+    assert all(len(v) == 1 for v in expected.values())
+    counting = CountingDetector(detector)
+    clips = list(clip_windows(detect_frames(iter(frames), counting, cfg, 224, 2.0), 2.0, 2.0))
+    assert counting.calls == len(frames) // 2 == 6
+    got = {t: (face, track, crop) for c in clips
+           for (t, face, track), crop in zip(c.frames[0].requests.meta, c.frames[0].requests.crops)}
+    assert sorted(got) == sorted(expected)
+    assert len({track for _, track, _ in got.values()}) == 1  # one person, one track
+    times = sorted(got)
+    for i, t in enumerate(times):
+        face, _, crop = got[t]
+        ref_face, ref_crop = expected[t][0]
+        diff = np.abs(crop.astype(np.int16) - ref_crop).mean()
+        if i % 2 == 0:  # a detected frame: exactly the detection's crop
+            np.testing.assert_array_equal(crop, ref_crop)
+            continue
+        prev_face, prev_crop = expected[times[i - 1]][0]  # the detector's own frame-to-frame change
+        if i == 1:  # one detection so far, no velocity yet: the face stays where it was seen
+            assert face.as_list()[:4] == prev_face.as_list()[:4]
+            continue
+        assert iou(face, ref_face) > max(0.85, iou(prev_face, ref_face)), t
+        frame = next(f for f in frames if f.pts_s == t)  # the crop is serving's crop of that box
+        np.testing.assert_array_equal(crop, crop_face(frame.rgb, face, 224, cfg.faces.margin))
+        assert diff < 1.5 * np.abs(prev_crop.astype(np.int16) - ref_crop).mean(), t

@@ -106,3 +106,18 @@ def test_podmonitor_and_container_image_definitions():
     assert "pel export --for-service --artifacts-dir /opt/pel-moderation/artifacts" in containerfile
     for copied in ("pel_model", "workers", "models", "deploy", "pyproject.toml"):
         assert f"COPY {copied}" in containerfile and (ROOT / copied).exists()
+
+
+def test_every_pod_mounts_the_evidence_folder_and_gets_the_review_token(rayservice):
+    app = AppConfig.model_validate(
+        yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"])
+    assert app.review.token_env  # the page is served beyond loopback: a token is required
+    for name, group in _groups(rayservice).items():
+        spec = group["template"]["spec"]
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+                  for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
+        for container in spec["containers"]:
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            assert str(app.evidence.dir) in mounts and mounts[str(app.evidence.dir)] in claims, name
+            env = {e["name"]: e for e in container["env"]}
+            assert "secretKeyRef" in env[app.review.token_env]["valueFrom"], name

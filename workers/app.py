@@ -43,7 +43,17 @@ MONITOR_INTERVAL_S = 2.0
 STATUS_TIMEOUT_S = 3.0
 WEDGED_S = 180.0  # a worker silent this long is restarted (Ray recreates the actor)
 SWEEP_INTERVAL_S = 60.0  # evidence retention
+ENDPOINTS_INTERVAL_S = 10.0  # metrics endpoints looked up again
 api = FastAPI(title="pel-moderation", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def metrics_endpoints() -> list[str]:
+    """`host:port` of every live Ray node's metrics export (Ray's, Serve's and `ray_pel_*`):
+    what Prometheus scrapes. `serve run` on a fresh machine picks a random port; `ray start
+    --metrics-export-port 8080` fixes it, and the head's dashboard also writes these targets
+    to a Prometheus file-SD file (see deploy/prometheus/prometheus.yml)."""
+    return sorted(f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes()
+                  if n.get("Alive") and n.get("MetricsExportPort"))
 
 
 def _review_error(exc: ReviewError) -> JSONResponse:
@@ -65,6 +75,8 @@ class Moderator:
         self.desk = ReviewDesk(self.cfg, self.redis_url)
         self.evidence = EvidenceStore(self.cfg.evidence)
         self._swept = 0.0
+        self._endpoints: list[str] = []  # metrics endpoints, last known (GCS calls can be slow)
+        self._endpoints_at = 0.0
         self.metrics = metrics(self.cfg.metrics.enabled)
         self.metrics.preregister()
         self._dead_seen = "$"
@@ -92,6 +104,9 @@ class Moderator:
                 if self.model is None:
                     self.model = await asyncio.wait_for(self.detector.info.remote(), 30)
                 await self._restart_stuck_workers()
+                if time.monotonic() - self._endpoints_at > ENDPOINTS_INTERVAL_S:
+                    self._endpoints_at = time.monotonic()
+                    self._refresh = asyncio.ensure_future(self._refresh_endpoints())
                 if time.monotonic() - self._swept > SWEEP_INTERVAL_S:
                     self._swept = time.monotonic()
                     await asyncio.to_thread(self.evidence.sweep)
@@ -101,6 +116,12 @@ class Moderator:
             except Exception as exc:  # Redis or detector briefly unavailable: keep watching
                 log.warning("monitor: %s", exc)
             await asyncio.sleep(MONITOR_INTERVAL_S)
+
+    async def _refresh_endpoints(self) -> None:
+        try:
+            self._endpoints = await asyncio.wait_for(asyncio.to_thread(metrics_endpoints), 30)
+        except Exception as exc:  # the GCS is busy: keep the last known ones
+            log.warning("metrics endpoints not refreshed: %s", type(exc).__name__)
 
     async def _restart_stuck_workers(self) -> None:
         """A worker whose job threads died, or that has not answered for WEDGED_S, is
@@ -190,10 +211,13 @@ class Moderator:
             redis_ok = True
         except Exception as exc:  # Redis down: say so instead of failing the request
             stats, redis_ok = {"error": f"redis unavailable ({type(exc).__name__})"}, False
-        try:
-            scrape = await asyncio.wait_for(asyncio.to_thread(metrics_endpoints), STATUS_TIMEOUT_S)
-        except Exception:  # the GCS is busy or restarting: the rest of the status still answers
-            scrape = []
+        scrape = self._endpoints  # refreshed by the monitor loop
+        if not scrape:
+            try:
+                scrape = await asyncio.wait_for(asyncio.to_thread(metrics_endpoints),
+                                                STATUS_TIMEOUT_S)
+            except Exception:  # the GCS is busy or restarting: the rest still answers
+                scrape = []
         return {"redis_url": redact_url(self.redis_url), "redis_ok": redis_ok,
                 "prefix": self.cfg.redis.prefix, "queue": stats, "workers": list(workers),
                 "model": self.model, "metrics_endpoints": scrape,
@@ -247,15 +271,6 @@ class Moderator:
             return FileResponse(self.desk.evidence_file(key), media_type="image/png")
         except ReviewError as exc:
             return _review_error(exc)
-
-
-def metrics_endpoints() -> list[str]:
-    """`host:port` of every live Ray node's metrics export (Ray's, Serve's and `ray_pel_*`):
-    what Prometheus scrapes. `serve run` on a fresh machine picks a random port; `ray start
-    --metrics-export-port 8080` fixes it, and the head's dashboard also writes these targets
-    to a Prometheus file-SD file (see deploy/prometheus/prometheus.yml)."""
-    return sorted(f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes()
-                  if n.get("Alive") and n.get("MetricsExportPort"))
 
 
 def build_app(args: dict | None = None) -> serve.Application:

@@ -12,6 +12,8 @@ Speed Tracking-by-Detection Without Using Image Information", AVSS 2017):
 - an unmatched face starts a new track; a track not seen for `tracks.max_gap_s` of media time
   ends (a person who leaves and comes back later is a new track).
 
+With `tracks.detect_every` = k > 1, only every k-th sampled frame is detected; `follow` says
+where the faces are on the frames in between (workers/frame_faces.py crops them there).
 The tracker lives for the whole job, so tracks carry across clip boundaries; `workers/verdict.py`
 scores each clip's tracks and lets them decide the clip's label.
 """
@@ -66,6 +68,7 @@ class FaceTracker:
         self.cfg = cfg
         self._live: list[_Track] = []
         self._next_id = 1
+        self._last_detection_s: float | None = None
 
     def _affinity(self, guess: Face, face: Face) -> float:
         """> 1 for overlapping boxes (1 + IoU), in (0, 1] for a near centre, 0 for no match."""
@@ -75,8 +78,16 @@ class FaceTracker:
         shift = center_shift(guess, face)
         return 1.0 - shift / self.cfg.max_center_shift if shift < self.cfg.max_center_shift else 0.0
 
+    def follow(self, time_s: float) -> list[tuple[int, Face]]:
+        """(track id, where its face is now) for the tracks seen on the last detected frame: the
+        faces of a frame that skips detection (`tracks.detect_every`). Leaves the tracks as
+        they are: only detections update them."""
+        return [(t.id, t.predicted(time_s)) for t in self._live
+                if t.last_s == self._last_detection_s]
+
     def assign(self, time_s: float, faces: list[Face]) -> list[int]:
         """The track id of each face of the frame at `time_s`."""
+        self._last_detection_s = time_s
         self._live = [t for t in self._live if time_s - t.last_s <= self.cfg.max_gap_s]
         guesses = [t.predicted(time_s) for t in self._live]
         pairs = sorted(((a, ti, fi) for ti, g in enumerate(guesses)

@@ -3,7 +3,9 @@
 Each sampled frame goes through CenterFace and the training crop as soon as the decoder hands it
 over, and its pixels are dropped at once: a 10 s clip at 2 frames/s holds at most
 `20 x max_faces_per_frame` crops (150 KB each at 224 px) instead of 20 full frames (6 MB each at
-1080p), and detection overlaps decoding. Crops go to the detector in requests of
+1080p), and detection overlaps decoding. With `tracks.detect_every` = k > 1, CenterFace runs on
+every k-th sampled frame; the frames in between are cropped where the last detected faces have
+moved along their tracks (a new face waits for the next detected frame). Crops go to the detector in requests of
 `crops_per_request` as they fill; a clip's last request leaves when its window closes, so the
 time from a clip's end to its verdict is about one request, not the whole clip.
 """
@@ -16,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 import numpy as np
 
 from pel_model.config import AppConfig
-from pel_model.faces import FaceDetector, extract_faces_counted
+from pel_model.faces import Face, FaceDetector, crop_face, extract_faces_counted
 
 from .face_tracks import FaceTracker
 
@@ -60,10 +62,10 @@ class ClipRequests:
             self._send(len(self.crops))
 
     def _send(self, end: int) -> None:
-        if self.submit is None:
+        start, self._sent = self._sent, end
+        if self.submit is None:  # crops only (training, tests): nothing to send
             return
-        batch = np.stack(self.crops[self._sent:end])
-        self._sent = end
+        batch = np.stack(self.crops[start:end])
         try:
             self.pending.append(self.submit(batch))
         except Exception as exc:  # e.g. no replica yet: the clip's retries deal with it
@@ -80,6 +82,15 @@ class FrameFaces:
     dropped: bool = False  # a sampled frame a lagging live consumer had no room for
 
 
+def _inside(face: Face, shape: tuple[int, ...], min_px: float = 8.0) -> Optional[Face]:
+    """A followed face box clipped to the frame; None when (almost) nothing of it is left."""
+    h, w = shape[:2]
+    x0, y0, x1, y1 = max(face.x0, 0.0), max(face.y0, 0.0), min(face.x1, w), min(face.y1, h)
+    if x1 - x0 < min_px or y1 - y0 < min_px:
+        return None
+    return Face(x0, y0, x1, y1, face.score, face.landmarks)
+
+
 def detect_frames(frames: Iterable, faces: FaceDetector, cfg: AppConfig, size: int,
                   clip_seconds: float, submit: Optional[Callable[[np.ndarray], Pending]] = None
                   ) -> Iterator[FrameFaces]:
@@ -89,6 +100,7 @@ def detect_frames(frames: Iterable, faces: FaceDetector, cfg: AppConfig, size: i
     `clip_windows` emits the clip. Faces are linked into tracks across the whole stream."""
     window, requests = None, None
     tracker = FaceTracker(cfg.tracks)
+    seen = 0  # sampled frames searched so far (detect_every counts these)
     try:
         for frame in frames:
             i = math.floor(frame.pts_s / clip_seconds + 1e-9)
@@ -99,9 +111,17 @@ def detect_frames(frames: Iterable, faces: FaceDetector, cfg: AppConfig, size: i
             if frame.dropped:
                 yield FrameFaces(frame.index, frame.pts_s, requests, dropped=True)
                 continue
-            found, extra = extract_faces_counted(frame.rgb, faces, cfg.faces, size)
-            requests.add(frame.pts_s, found, extra, tracker.assign(frame.pts_s,
-                                                                   [f for f, _ in found]))
+            followed = tracker.follow(frame.pts_s) if seen % cfg.tracks.detect_every else []
+            followed = [(tid, f) for tid, f in ((tid, _inside(f, frame.rgb.shape)) for tid, f in followed)
+                        if f is not None]
+            seen += 1
+            if followed:  # no detection on this frame: the last detected faces, moved on
+                found = [(f, crop_face(frame.rgb, f, size, cfg.faces.margin)) for _, f in followed]
+                requests.add(frame.pts_s, found, 0, [tid for tid, _ in followed])
+            else:
+                found, extra = extract_faces_counted(frame.rgb, faces, cfg.faces, size)
+                requests.add(frame.pts_s, found, extra, tracker.assign(frame.pts_s,
+                                                                       [f for f, _ in found]))
             yield FrameFaces(frame.index, frame.pts_s, requests)
     except Exception:  # the stream broke off: its last window is still scored
         if requests is not None:
