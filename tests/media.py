@@ -180,27 +180,21 @@ def make_moving_face_video(path: str | Path, seconds: float = 6.0, fps: int = 25
                            size: tuple[int, int] = (640, 480)) -> Path:
     """A face photo gliding across the frame at a constant speed (H.264): smooth motion, as a
     person walking or a camera panning, for tracking between detected frames."""
-    import av
     from skimage.transform import resize
+
+    from workers.sample_media import encode_video
 
     width, height = size
     tile = (resize(astronaut()[0:260, 120:360], (208, 192), anti_aliasing=True,
                    preserve_range=True)).astype(np.uint8)
     th, tw = tile.shape[:2]
-    path = Path(path)
-    with av.open(str(path), mode="w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.options = {"preset": "veryfast", "crf": "20"}
+
+    def frames():
         for i in range(round(seconds * fps)):
             canvas = np.full((height, width, 3), 60, np.uint8)
             x = int(round(40 + speed_px_s[0] * i / fps))
             y = int(round(80 + speed_px_s[1] * i / fps))
             canvas[y:y + th, x:x + tw] = tile
-            frame = av.VideoFrame.from_ndarray(canvas, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+            yield canvas
+
+    return encode_video(path, frames(), fps, size, crf=20)

@@ -6,7 +6,7 @@ quick start needs no downloads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import av
 import numpy as np
@@ -52,16 +52,8 @@ def make_face_video(
         if tile.shape[1] > slot_w - 16:
             tile = _resize(tile, int(tile.shape[0] * (slot_w - 16) / tile.shape[1]))
         tiles.append(tile)
-    n_frames = max(1, round(seconds * fps))
-    options = {"movflags": "faststart"} if faststart and path.suffix in (".mp4", ".mov") else {}
-    with av.open(str(path), mode="w", options=options) as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.gop_size = fps
-        if codec == "libx264":
-            stream.codec_context.options = {"preset": "veryfast", "crf": "23"}
-        for i in range(n_frames):
+    def frames():
+        for i in range(max(1, round(seconds * fps))):
             canvas = np.full((height, width, 3), 40 + (i % 50), np.uint8)
             dx = int(6 * np.sin(2 * np.pi * i / fps))
             dy = int(4 * np.cos(2 * np.pi * i / fps))
@@ -71,6 +63,26 @@ def make_face_video(
                 y = (height - th) // 2 + dy
                 x, y = min(max(x, 0), width - tw), min(max(y, 0), height - th)
                 canvas[y : y + th, x : x + tw] = tile
+            yield canvas
+
+    return encode_video(path, frames(), fps, size, codec, faststart)
+
+
+def encode_video(path: str | Path, frames: Iterable[np.ndarray], fps: int = 25,
+                 size: tuple[int, int] = (640, 480), codec: str = "libx264",
+                 faststart: bool = True, crf: int = 23) -> Path:
+    """Encode HxWx3 uint8 RGB frames (of `size`) with keyframes every second. Returns `path`."""
+    path = Path(path)
+    width, height = size
+    options = {"movflags": "faststart"} if faststart and path.suffix in (".mp4", ".mov") else {}
+    with av.open(str(path), mode="w", options=options) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = fps
+        if codec == "libx264":
+            stream.codec_context.options = {"preset": "veryfast", "crf": str(crf)}
+        for i, canvas in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(canvas, format="rgb24")
             frame.pts = i
             for packet in stream.encode(frame):
