@@ -159,3 +159,22 @@ def test_review_page_in_a_real_browser(flagged_job, tmp_path):
     key = f"review-1:{clip['clip_index']}:{clip['tracks'][0]['track_id']}"
     stored = json.loads(flagged_job["redis"].hget("review:reviews", key))
     assert stored["decision"] == "confirmed" and stored["face"].endswith("/face.png")
+
+
+def test_a_configured_token_is_required_over_http(flagged_job):
+    """The same app redeployed with review.token: every route of the desk wants it, through
+    Serve's real proxy (header, query and cookie)."""
+    token = "a-review-token-of-some-length"
+    args = flagged_job["cfg"].model_dump(mode="json")
+    args["review"]["token"] = token
+    serve.run(build_app(args), name="pel", route_prefix="/pel")
+    assert _get("/api/flagged")[0] == 401
+    assert _get("/review")[0] == 401
+    assert _get("/api/flagged", Authorization="Bearer wrong-token-wrong-token")[0] == 401
+    status, body = _get("/api/flagged", Authorization=f"Bearer {token}")
+    assert status == 200 and json.loads(body)["clips"]
+    with urllib.request.urlopen(f"{BASE}/review?token={token}", timeout=30) as r:
+        cookie = r.headers["Set-Cookie"]
+        assert r.status == 200 and "HttpOnly" in cookie and token not in r.read().decode()
+    assert _get("/api/flagged", Cookie=cookie.split(";")[0])[0] == 200
+    assert _get("")[0] == 200  # the service status stays open (it holds no secret)
