@@ -28,7 +28,6 @@ from pel_model.config import AppConfig
 
 from .autoscale import WorkerScaler
 from .detector import PELDetector
-from .evidence_store import EvidenceStore
 from .explainer import PELExplainer
 from .metrics import metrics
 from .queue import JobQueue
@@ -56,7 +55,8 @@ def metrics_endpoints() -> list[str]:
                   if n.get("Alive") and n.get("MetricsExportPort"))
 
 
-def _review_error(exc: ReviewError) -> JSONResponse:
+@api.exception_handler(ReviewError)
+async def _review_error(_request: Request, exc: ReviewError) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
 
@@ -72,8 +72,7 @@ class Moderator:
                               self.cfg.intake, "moderator")
         self.detector = detector
         self.explainer = explainer
-        self.desk = ReviewDesk(self.cfg, self.redis_url)
-        self.evidence = EvidenceStore(self.cfg.evidence)
+        self.desk = ReviewDesk(self.cfg, self.redis_url, self.queue)
         self._swept = 0.0
         self._endpoints: list[str] = []  # metrics endpoints, last known (GCS calls can be slow)
         self._endpoints_at = 0.0
@@ -109,7 +108,7 @@ class Moderator:
                     self._refresh = asyncio.ensure_future(self._refresh_endpoints())
                 if time.monotonic() - self._swept > SWEEP_INTERVAL_S:
                     self._swept = time.monotonic()
-                    await asyncio.to_thread(self.evidence.sweep)
+                    await asyncio.to_thread(self.desk.store.sweep)
                 if self.scaler is not None:
                     await self._autoscale()
                 self.metrics.set_stream_workers(len(self.workers))
@@ -234,10 +233,7 @@ class Moderator:
 
     @api.get("/review")
     async def review_page(self, request: Request):
-        try:
-            self._authorize(request)
-        except ReviewError as exc:
-            return _review_error(exc)
+        self._authorize(request)
         page = HTMLResponse(self.desk.page(), headers={"Cache-Control": "no-store"})
         token = request.query_params.get("token")
         if token:  # later requests of the page carry it as a cookie, not in its URLs
@@ -246,31 +242,22 @@ class Moderator:
 
     @api.get("/api/flagged")
     async def flagged(self, request: Request):
-        try:
-            self._authorize(request)
-            return JSONResponse(await asyncio.to_thread(self.desk.flagged))
-        except ReviewError as exc:
-            return _review_error(exc)
+        self._authorize(request)
+        return JSONResponse(await asyncio.to_thread(self.desk.flagged))
 
     @api.post("/api/review")
     async def review(self, request: Request):
+        self._authorize(request, write=True)
         try:
-            self._authorize(request, write=True)
-            try:
-                body = await request.json()
-            except ValueError:
-                raise ReviewError(400, "expected a JSON body") from None
-            return JSONResponse(await asyncio.to_thread(self.desk.mark, body))
-        except ReviewError as exc:
-            return _review_error(exc)
+            body = await request.json()
+        except ValueError:
+            raise ReviewError(400, "expected a JSON body") from None
+        return JSONResponse(await asyncio.to_thread(self.desk.mark, body))
 
     @api.get("/evidence/{key:path}")
     async def evidence_file(self, key: str, request: Request):
-        try:
-            self._authorize(request)
-            return FileResponse(self.desk.evidence_file(key), media_type="image/png")
-        except ReviewError as exc:
-            return _review_error(exc)
+        self._authorize(request)
+        return FileResponse(self.desk.evidence_file(key), media_type="image/png")
 
 
 def build_app(args: dict | None = None) -> serve.Application:

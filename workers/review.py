@@ -27,6 +27,7 @@ from .evidence_store import EvidenceStore
 from .queue import JobQueue
 from .redact import redact_url
 from .redis_client import connect
+from .verdicts import VerdictStore
 
 PAGE = Path(__file__).with_name("review_page.html")
 COOKIE = "pel_review_token"
@@ -57,14 +58,15 @@ def review_token(cfg: AppConfig) -> Optional[str]:
 
 
 class ReviewDesk:
-    def __init__(self, cfg: AppConfig, redis_url: str):
+    def __init__(self, cfg: AppConfig, redis_url: str, queue: Optional[JobQueue] = None):
         self.cfg = cfg
         self.r = connect(redis_url, cfg.redis, decode_responses=True)
-        self.queue = JobQueue(connect(redis_url, cfg.redis), cfg.redis, cfg.intake, "review")
+        self.queue = queue or JobQueue(connect(redis_url, cfg.redis), cfg.redis, cfg.intake,
+                                       "review")
+        self.verdicts = VerdictStore(self.r, cfg.redis)
         self.store = EvidenceStore(cfg.evidence)
         self.token = review_token(cfg)
         self.reviews_key = f"{cfg.redis.prefix}:reviews"
-        self.stream = f"{cfg.redis.prefix}:verdicts"
 
     def authorize(self, client_host: str, headers: dict, query: dict, cookies: dict,
                   write: bool = False) -> None:
@@ -93,7 +95,7 @@ class ReviewDesk:
         want = self.cfg.review.recent_clips
         clips, last, scanned = [], "+", 0
         while len(clips) < want and scanned < SCAN_LIMIT:
-            rows = self.r.xrevrange(self.stream, max=last, count=500)
+            rows = self.r.xrevrange(self.verdicts.stream, max=last, count=500)
             if last != "+":
                 rows = rows[1:]  # the entry `last` itself was seen
             if not rows:
@@ -148,8 +150,9 @@ class ReviewDesk:
             raise ReviewError(400, f"decision must be one of {', '.join(DECISIONS)}")
         if not isinstance(note, str) or len(note) > 500:
             raise ReviewError(400, "note must be a string of at most 500 characters")
-        raw = self.r.hget(f"{self.cfg.redis.prefix}:job:{job}:clips", str(clip))
-        tracks = {t["track_id"]: t for t in (json.loads(raw).get("tracks", []) if raw else [])}
+        raw = self.r.hget(self.verdicts.clips_key(job), str(clip))
+        verdict = json.loads(raw) if raw else {}
+        tracks = {t["track_id"]: t for t in verdict.get("tracks", [])}
         if track not in tracks:
             raise ReviewError(404, f"no track {track} in clip {clip} of job {job}")
         t = tracks[track]
@@ -157,7 +160,7 @@ class ReviewDesk:
                   "note": note, "reviewed_at": round(time.time(), 3),
                   "fake_probability": t["fake_probability"],
                   "face": (t.get("evidence") or {}).get("face"),
-                  "model": json.loads(raw).get("model")}
+                  "model": verdict.get("model")}
         self.r.hset(self.reviews_key, f"{job}:{clip}:{track}", json.dumps(record))
         return record
 
