@@ -373,6 +373,10 @@ class TrainConfig(_Strict):
     # Stem and this many leading backbone stages of both streams stay frozen (BatchNorm
     # statistics too): the cheapest layers to keep, the most expensive to train on a CPU.
     frozen_stages: int = Field(0, ge=0)
+    # Start from a trained project checkpoint instead of ImageNet: a second stage of a recipe,
+    # or the shipped model fine-tuned on reviewed faces (`pel feedback export`). Its network
+    # must be `model`'s; the optimiser and schedule start afresh.
+    init_checkpoint: Optional[Path] = None
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     mixed_precision: bool = True

@@ -217,7 +217,10 @@ def _frames(photo: np.ndarray, n: int) -> list[np.ndarray]:
             for k in range(n)]
 
 
-def test_wilddeepfake_prepare_train_calibrate_evaluate_serve(tmp_path, ray_cluster):
+def test_wilddeepfake_prepare_train_finetune_calibrate_evaluate_serve(tmp_path, ray_cluster):
+    import torch
+    from safetensors.torch import load_file
+
     from training.prepare import prepare
     from training.train import train
 
@@ -244,6 +247,15 @@ def test_wilddeepfake_prepare_train_calibrate_evaluate_serve(tmp_path, ray_clust
     assert {r["frame"] for r in rows} == {0, 15}  # first and last of the frames 0, 5, 10, 15
     result = train(prepared, cfg)
     assert result.metrics["epoch"] == 0
+    # Fine-tuning: a second run starts from the first one's weights. Its frozen stages keep
+    # them exactly (a fresh network would hold the seed's random init, which run one trained).
+    tuned = train(prepared, cfg.model_copy(update={"run_name": "wdf-tuned", "frozen_stages": 1,
+                                                   "init_checkpoint": result.best}))
+    assert read_meta(tuned.last).provenance["backbone_init"].startswith(f"checkpoint {result.best}")
+    start, after = load_file(result.best), load_file(tuned.last)
+    stage0 = [k for k in start if k.startswith("rgb.blocks.0.")]
+    assert stage0 and all(torch.equal(start[k], after[k]) for k in stage0)
+    assert any(not torch.equal(start[k], after[k]) for k in start if k.startswith("fc."))
     _calibrate_evaluate_serve(tmp_path, result.best, prepared, "test",
                               {"salt_pepper": 0.01, "gaussian_blur": 1.5}, export=False)
 

@@ -183,6 +183,32 @@ def test_warmup_cosine_schedule_and_frozen_stages():
         freeze_leading_stages(model, 9)
 
 
+def test_init_checkpoint_copies_every_tensor_and_refuses_another_network(tmp_path):
+    import torch
+
+    from pel_model.checkpoint import CheckpointError, CheckpointMeta, save_checkpoint
+    from pel_model.pel import PEL
+    from training.finetune import check_init_checkpoint, init_from_checkpoint
+
+    cfg = ModelConfig(backbone="efficientnet_b0", input_size=64, pretrained=False)
+    torch.manual_seed(1)
+    trained = PEL(cfg, load_pretrained=False)
+    with torch.no_grad():
+        trained.rgb.bn1.running_mean.add_(0.5)  # BatchNorm statistics travel too
+    path = save_checkpoint(tmp_path / "t.safetensors", trained, CheckpointMeta(model=cfg, trained=True))
+    torch.manual_seed(2)
+    fresh = PEL(cfg.model_copy(update={"pretrained": True}), load_pretrained=False)
+    source = init_from_checkpoint(fresh, path)
+    assert source.startswith(f"checkpoint {path} (sha256 ") and source.endswith("trained)")
+    for (k, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(CheckpointError, match="dct_channels"):
+        check_init_checkpoint(cfg.model_copy(update={"dct_channels": 32}), path)
+    with pytest.raises(CheckpointError, match="input_size"):
+        check_init_checkpoint(cfg.model_copy(update={"input_size": 96}), path)
+    assert TrainConfig(init_checkpoint=path).init_checkpoint == path
+
+
 def test_early_stopping_and_time_budget():
     from training.train import should_stop
 
@@ -218,7 +244,7 @@ def test_progress_lines_without_a_terminal(capsys):
 RECIPES = Path(__file__).resolve().parents[1] / "training" / "recipes"
 
 
-@pytest.mark.parametrize("name", ["cpu-lite0-224", "gpu-lite2-320"])
+@pytest.mark.parametrize("name", ["cpu-lite0-224", "cpu-lite0-224-stage2", "gpu-lite2-320"])
 def test_recipes_validate_and_name_backbones_with_offline_weights(name):
     from pel_model.weights import PACKAGED
     from training.cli import load_train_config
@@ -228,6 +254,10 @@ def test_recipes_validate_and_name_backbones_with_offline_weights(name):
     assert {s.name for s in cfg.sources} == {"dfdc-faces", "faces-real"}
     if name.startswith("cpu"):
         assert cfg.max_minutes and cfg.max_minutes <= 120 and not cfg.use_gpu
+    if name.endswith("stage2"):  # goes on from stage 1's best, on the same prepared data
+        first = load_train_config(str(RECIPES / "cpu-lite0-224.yaml"))
+        assert cfg.init_checkpoint == first.storage_path / first.run_name / "best.safetensors"
+        assert cfg.sources == first.sources and cfg.model == first.model and cfg.seed != first.seed
 
 
 def test_prepare_from_a_config_with_several_sources(tmp_path, capsys):
@@ -286,6 +316,7 @@ def test_evaluate_the_untrained_baseline_with_per_item_scores_and_per_dataset_fi
     assert set(report["by_dataset"]) == {"dfdc", "photos"}
     assert report["by_dataset"]["photos"]["n_real"] == 4 and "auc" not in report["by_dataset"]["photos"]
     assert "fpr" in report["by_dataset"]["photos"] and "auc" in report["by_dataset"]["dfdc"]
+    assert all(0 <= d["ece"] <= 1 for d in report["by_dataset"].values())
     assert 0 <= report["ece"] <= 1 and "downscale" in report["robustness"]
     with open(report["scores_csv"]) as f:
         scored = list(csv.DictReader(f))

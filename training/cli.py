@@ -102,7 +102,8 @@ def _train(args) -> int:
         args.config, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         num_workers=args.workers, use_gpu=True if args.gpu else None,
         steps_per_epoch=args.steps_per_epoch, self_blended=args.self_blended, seed=args.seed,
-        run_name=args.name, storage_path=args.storage, model=_model_overrides(args))
+        run_name=args.name, storage_path=args.storage, init_checkpoint=args.init_checkpoint,
+        model=_model_overrides(args))
     result = train(Path(args.data), cfg, ray_address=args.address)
     print(json.dumps({"best": str(result.best), "last": str(result.last),
                       "run_dir": str(result.run_dir), "metrics": result.metrics}))
@@ -193,6 +194,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="run name (default pel)")
     p.add_argument("--storage", help="run storage folder (default ./runs)")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone initialisation")
+    p.add_argument("--init-checkpoint", help="start from this trained checkpoint (fine-tuning)")
     p.add_argument("--address", help="Ray cluster address")
     p.set_defaults(func=_train)
 

@@ -1,4 +1,8 @@
-"""Fine-tuning controls: frozen leading stages, the optimiser and its learning-rate schedule.
+"""Fine-tuning controls: the starting checkpoint, frozen leading stages, the optimiser and its
+learning-rate schedule.
+
+`init_from_checkpoint` loads a trained project checkpoint into a freshly built network (strict:
+same architecture, every tensor, BatchNorm statistics included).
 
 `freeze_leading_stages` keeps the stems and the first `n` backbone stages of both streams (and
 the fixed DCT input) at their ImageNet values, BatchNorm statistics included: on a CPU they are
@@ -13,8 +17,34 @@ import math
 import torch
 from torch import nn
 
-from pel_model.config import TrainConfig
-from pel_model.pel import PEL
+from pel_model.checkpoint import CheckpointError, CheckpointMeta, file_digest, read_meta
+from pel_model.config import ModelConfig, TrainConfig
+from pel_model.pel import PEL, resolve_config
+
+_NOT_ARCHITECTURE = {"pretrained", "backbone_weights"}
+
+
+def check_init_checkpoint(cfg: ModelConfig, path) -> CheckpointMeta:
+    """The checkpoint's metadata; CheckpointError unless it holds the network `cfg` builds."""
+    meta = read_meta(path)
+    ours = resolve_config(cfg).model_dump(exclude=_NOT_ARCHITECTURE)
+    theirs = meta.model.model_dump(exclude=_NOT_ARCHITECTURE)
+    if ours != theirs:
+        diff = {k: (theirs.get(k), v) for k, v in ours.items() if v != theirs.get(k)}
+        raise CheckpointError(f"init_checkpoint {path} holds another network than the recipe's "
+                              f"model (checkpoint vs recipe: {diff})")
+    return meta
+
+
+def init_from_checkpoint(model: PEL, path) -> str:
+    """Copy the weights of the checkpoint at `path` into `model` (strict); returns a provenance
+    line."""
+    from safetensors.torch import load_file
+
+    meta = check_init_checkpoint(model.cfg, path)
+    model.load_state_dict(load_file(str(path)))
+    state = "trained" if meta.trained else "untrained"
+    return f"checkpoint {path} (sha256 {file_digest(path)}, {state})"
 
 
 def frozen_modules(model: PEL, n: int) -> list[nn.Module]:

@@ -33,7 +33,8 @@ from pel_model.config import TrainConfig
 from pel_model.pel import PEL
 
 from .data import BalancedBatches, eval_arrays, manifest, read_index
-from .finetune import freeze_leading_stages, keep_frozen_in_eval, make_optimizer, set_lr
+from .finetune import (check_init_checkpoint, freeze_leading_stages, init_from_checkpoint,
+                       keep_frozen_in_eval, make_optimizer, set_lr)
 from .metrics import binary_metrics
 from .plots import training_curve
 from .progress import Progress
@@ -123,10 +124,12 @@ def _loop(conf: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     train_rows, val_rows = read_index(prepared, "train"), read_index(prepared, "val")
-    model = PEL(cfg.model, load_pretrained=True)
-    weights_source = model.weights_source
-    state, start, history = None, 0, []
     resume = ray.train.get_checkpoint()
+    model = PEL(cfg.model, load_pretrained=cfg.init_checkpoint is None)
+    weights_source = model.weights_source
+    if cfg.init_checkpoint is not None and resume is None:
+        weights_source = init_from_checkpoint(model, cfg.init_checkpoint)
+    state, start, history = None, 0, []
     if resume is not None:
         with resume.as_directory() as d:
             model.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))
@@ -221,12 +224,14 @@ def _loop(conf: dict) -> None:
 
 
 def join_options(address: str | None) -> dict:
-    """`ray.init` options for joining `address`: the job's processes get it as RAY_ADDRESS, so
-    Ray Train's helper actors that look a cluster up themselves (PlacementGroupCleaner) find
-    this one even when several local clusters run ("Found multiple active Ray instances")."""
-    if not address or address == "auto":
-        return {}
-    return {"runtime_env": {"env_vars": {"RAY_ADDRESS": address}}}
+    """`ray.init` options for this job's processes: RAY_ADDRESS when joining `address`, so Ray
+    Train's helper actors that look a cluster up themselves (PlacementGroupCleaner) find this
+    one even when several local clusters run ("Found multiple active Ray instances"); and Ray
+    Train's print patch off (it tees each progress line to stdout and to its logger: twice)."""
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if address and address != "auto":
+        env["RAY_ADDRESS"] = address
+    return {"runtime_env": {"env_vars": env}}
 
 
 def train(prepared: Path, cfg: TrainConfig, ray_address: str | None = None) -> TrainResult:
@@ -245,6 +250,10 @@ def train(prepared: Path, cfg: TrainConfig, ray_address: str | None = None) -> T
         raise ValueError(f"batch_size {cfg.batch_size} must split into even per-worker batches "
                          f"over {cfg.num_workers} workers")
     read_index(prepared, "train"), read_index(prepared, "val")  # fail fast on empty splits
+    if cfg.init_checkpoint is not None:  # workers may run elsewhere: an absolute path, checked
+        init = Path(cfg.init_checkpoint).expanduser().resolve()
+        check_init_checkpoint(cfg.model, init)
+        cfg = cfg.model_copy(update={"init_checkpoint": init})
     storage = Path(cfg.storage_path).expanduser().resolve()
     if not ray.is_initialized():
         ray.init(address=ray_address, **join_options(ray_address))
