@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import shutil
 import socket
 import subprocess
 import threading

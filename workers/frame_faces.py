@@ -91,6 +91,12 @@ def _inside(face: Face, shape: tuple[int, ...], min_px: float = 8.0) -> Optional
     return Face(x0, y0, x1, y1, face.score, face.landmarks)
 
 
+def _follow(tracker: FaceTracker, pts_s: float, shape: tuple[int, ...]) -> list[tuple[int, Face]]:
+    """The tracks' faces moved on to `pts_s`, clipped to the frame; faces gone from it dropped."""
+    moved = ((tid, _inside(f, shape)) for tid, f in tracker.follow(pts_s))
+    return [(tid, f) for tid, f in moved if f is not None]
+
+
 def detect_frames(frames: Iterable, faces: FaceDetector, cfg: AppConfig, size: int,
                   clip_seconds: float, submit: Optional[Callable[[np.ndarray], Pending]] = None
                   ) -> Iterator[FrameFaces]:
@@ -111,9 +117,8 @@ def detect_frames(frames: Iterable, faces: FaceDetector, cfg: AppConfig, size: i
             if frame.dropped:
                 yield FrameFaces(frame.index, frame.pts_s, requests, dropped=True)
                 continue
-            followed = tracker.follow(frame.pts_s) if seen % cfg.tracks.detect_every else []
-            followed = [(tid, f) for tid, f in ((tid, _inside(f, frame.rgb.shape)) for tid, f in followed)
-                        if f is not None]
+            followed = (_follow(tracker, frame.pts_s, frame.rgb.shape)
+                        if seen % cfg.tracks.detect_every else [])
             seen += 1
             if followed:  # no detection on this frame: the last detected faces, moved on
                 found = [(f, crop_face(frame.rgb, f, size, cfg.faces.margin)) for _, f in followed]
