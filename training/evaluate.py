@@ -139,10 +139,14 @@ def load_for_evaluation(checkpoint: Optional[Path], model_cfg: Optional[ModelCon
 def by_dataset(rows: list[dict], labels: np.ndarray, probs: np.ndarray, threshold: float,
                default: str) -> dict:
     """Frame metrics per dataset tag of the rows (e.g. the DFDC crops and the real photos of
-    one prepared folder): a real-only dataset still reports its false-positive rate."""
+    one prepared folder): a real-only dataset still reports its false-positive rate. ECE per
+    dataset too: each has its own real:fake ratio, and calibration depends on it."""
     tags = np.array([r.get("dataset") or default for r in rows])
-    return {t: binary_metrics(labels[tags == t], probs[tags == t], threshold)
-            for t in sorted(set(tags.tolist()))}
+    out = {}
+    for t in sorted(set(tags.tolist())):
+        y, p = labels[tags == t], probs[tags == t]
+        out[t] = {**binary_metrics(y, p, threshold), "ece": expected_calibration_error(y, p)}
+    return out
 
 
 def write_scores(out_dir: Path, rows: list[dict], labels: np.ndarray, probs: np.ndarray,
