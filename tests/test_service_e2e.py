@@ -135,6 +135,19 @@ def test_jobs_over_http_hls_and_file_yield_clips_with_faces(service, media):
         assert states[job_id]["clips_done"] == 3 and states[job_id]["faces_scored"] >= 10
 
 
+def test_stream_worker_processes_start_with_the_configured_mmap_threshold(service):
+    from workers.stream_worker import worker_runtime_env
+    want = str(service["cfg"].intake.worker_malloc_mmap_threshold)
+    workers = serve.get_app_handle("pel").status.remote().result(timeout_s=30)["workers"]
+    pids = [w["pid"] for w in workers if "pid" in w]
+    assert len(pids) == service["cfg"].intake.stream_workers >= 2, workers
+    for pid in pids:  # glibc reads it from the environment the process started with
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"MALLOC_MMAP_THRESHOLD_={want}".encode() in env, pid
+    off = service["cfg"].intake.model_copy(update={"worker_malloc_mmap_threshold": None})
+    assert worker_runtime_env(off) == {}
+
+
 def test_bad_jobs_end_as_dead_letters_while_others_finish(service, media):
     q = service["queue"]
     port = free_port()  # nothing listens there

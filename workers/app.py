@@ -35,7 +35,7 @@ from .redact import install_log_redaction, redact_url
 from .redis_client import connect
 from .redis_server import ensure_embedded_redis, resolve_redis_url
 from .review import COOKIE, ReviewDesk, ReviewError
-from .stream_worker import StreamWorker
+from .stream_worker import StreamWorker, worker_runtime_env
 
 log = logging.getLogger(__name__)
 MONITOR_INTERVAL_S = 2.0
@@ -91,7 +91,8 @@ class Moderator:
         intake = self.cfg.intake
         return StreamWorker.options(num_cpus=intake.worker_num_cpus,  # spread: a node lost
                                     resources=dict(intake.worker_resources),  # takes few streams
-                                    scheduling_strategy="SPREAD").remote(
+                                    scheduling_strategy="SPREAD",
+                                    runtime_env=worker_runtime_env(intake)).remote(
             self.cfg.model_dump(mode="json"), self.redis_url, self.detector, index, self.explainer)
 
     async def _watch(self) -> None:

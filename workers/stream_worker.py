@@ -8,12 +8,13 @@ as retries or dead letters with a reason; the actor survives them.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
 import ray
 
-from pel_model.config import AppConfig
+from pel_model.config import AppConfig, IntakeConfig
 from pel_model.faces import make_detector
 
 from .decode import StreamError, classify_error
@@ -29,6 +30,14 @@ from .verdicts import VerdictStore
 
 log = logging.getLogger(__name__)
 INFO_TIMEOUT_S = 30.0  # one ask for the detector's ModelInfo; asked again after it
+
+
+def worker_runtime_env(intake: IntakeConfig) -> dict:
+    """The stream worker processes' runtime_env: glibc's mmap threshold fixed (see
+    `IntakeConfig.worker_malloc_mmap_threshold`), read by malloc when the process starts."""
+    if intake.worker_malloc_mmap_threshold is None:
+        return {}
+    return {"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(intake.worker_malloc_mmap_threshold)}}
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -59,7 +68,7 @@ class StreamWorker:
         return {"consumer": self.queue.consumer, "active_jobs": sorted(self.active),
                 "threads_alive": sum(t.is_alive() for t in self.threads),
                 "draining": self.draining.is_set(), "model_ready": self.info is not None,
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def drain(self) -> None:
         """Stop claiming jobs; running ones finish. Idle once `threads_alive` is 0."""

@@ -8,10 +8,12 @@ before the session is built.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
 import math
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -149,6 +151,8 @@ class CenterFace(FaceDetector):
             model_bytes, sess_options=opts, providers=list(providers or _providers(cfg))
         )
         self.weights_path = path
+        n = cfg.detector_concurrency
+        self._turns = threading.BoundedSemaphore(n) if n else contextlib.nullcontext()
 
     @property
     def providers(self) -> list[str]:
@@ -177,8 +181,9 @@ class CenterFace(FaceDetector):
 
     def detect(self, frame: np.ndarray) -> list[Face]:
         check_frame(frame)
-        blob, scale = self._blob(frame)
-        outputs = self._session.run(None, {self._input: blob})
+        with self._turns:  # at most cfg.detector_concurrency blobs and activations at once
+            blob, scale = self._blob(frame)
+            outputs = self._session.run(None, {self._input: blob})
         names = [o.name for o in self._session.get_outputs()]
         maps = {self._heads[n]: out[0] for n, out in zip(names, outputs)}
         return self._decode(maps, scale, frame.shape[0], frame.shape[1])
