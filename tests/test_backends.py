@@ -1,5 +1,6 @@
 """ONNX export and the inference backends, checked against PyTorch."""
 import os
+import warnings
 import numpy as np
 import onnx
 import pytest
@@ -44,6 +45,11 @@ def test_torch_backend_and_auto_selection(model, onnx_path):
         TorchBackend(model, "cpu", "fp16")
     with pytest.raises(ValueError, match="unknown backend"):
         create_backend(model, "tpu", "cpu")
+    frozen = crops.copy()
+    frozen.flags.writeable = False  # as Ray hands arrays over (zero-copy, read-only)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy's "not writable" UserWarning
+        np.testing.assert_array_equal(tb.logits(frozen), tb.logits(crops))
     for backend in (tb, auto):
         with pytest.raises(ValueError, match="uint8"):
             backend.logits(crops.astype(np.float32))

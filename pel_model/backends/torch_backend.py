@@ -55,7 +55,8 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def _run(self, crops: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(crops)
+        # Crops that Ray deserialised zero-copy are read-only; torch.from_numpy warns on those.
+        x = torch.from_numpy(crops if crops.flags.writeable else crops.copy())
         if not self._cuda:
             return self._forward(x).float().numpy()
         # uint8 crops travel to the device (a quarter of the bytes of float) and are normalised there.
