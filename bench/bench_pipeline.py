@@ -99,9 +99,9 @@ def busy_cpu_s() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mb(title: str, field: str = "VmHWM") -> list[float]:
-    """VmHWM (peak resident set; or `field`, e.g. VmRSS) of every process whose command line
-    contains `title`."""
+def memory_mb(title: str, field: str = "VmHWM") -> list[float]:
+    """`field` of /proc/PID/status (VmHWM: peak resident set; VmRSS: resident now) of every
+    process whose command line contains `title`."""
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -133,13 +133,17 @@ def run_stack(args_dict: dict, burst: list[Path], live: dict[int, list[Path]],
         serve.run(build_app(args_dict), name="pel", route_prefix="/pel")
         app_start_s = time.perf_counter() - t0
         info = serve.get_deployment_handle("PELDetector", "pel").info.remote().result()
+
         def workers_ready() -> bool:  # constructed (CenterFace loaded), no job run yet
             ws = serve.get_app_handle("pel").status.remote().result()["workers"]
             return len(ws) >= cfg.intake.stream_workers and all("pid" in w for w in ws)
 
+        deadline = time.monotonic() + 120
         while not workers_ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError("stream workers not ready 120 s after the app started")
             time.sleep(0.5)
-        worker_ready_mb = peak_rss_mb("StreamWorker", "VmRSS")
+        worker_ready_mb = memory_mb("StreamWorker", "VmRSS")
         client = redis.Redis.from_url(cfg.redis.url, decode_responses=True)
         queue, store = JobQueue(client, cfg.redis, cfg.intake, "bench"), VerdictStore(client, cfg.redis)
 
@@ -185,8 +189,8 @@ def run_stack(args_dict: dict, burst: list[Path], live: dict[int, list[Path]],
                 "model_batch": info["model_batch"], "backend": info["backend"],
                 "idle_busy_cores": idle_cores, "throughput": throughput, "scaling": scaling,
                 "faces_per_frame": faces_curve,
-                "replica_peak_rss_mb": peak_rss_mb("PELDetector"),
-                "worker_peak_rss_mb": peak_rss_mb("StreamWorker"), "worker_ready_rss_mb": worker_ready_mb,
+                "replica_peak_rss_mb": memory_mb("PELDetector"),
+                "worker_peak_rss_mb": memory_mb("StreamWorker"), "worker_ready_rss_mb": worker_ready_mb,
                 "streams_per_worker": cfg.intake.streams_per_worker}
     finally:
         serve.shutdown()
