@@ -346,6 +346,24 @@ def test_checker_flags_leaky_empty_and_invalid_queries(scraped):
 
 
 @pytest.mark.slow
+def test_gauges_set_once_outlive_rays_eviction(scraped, recorder):
+    """Ray 2.60 stops exporting a gauge ~20 s after it was last recorded; a replica sets
+    `detector_ready` once, at start. Each gauge must still be scraped 30 s after its last set,
+    with its value (workers/metrics.py re-records gauges)."""
+    import time
+
+    import ray
+
+    url, sel = scraped["url"], scraped["sel"]
+    ray.get(recorder[0].set_detector_ready.remote(MODEL, True))  # the last set of any gauge here
+    time.sleep(30)
+    expected = {"ray_pel_detector_ready": 1, "ray_pel_active_streams": ACTIVE,
+                "ray_pel_queue_depth": QUEUED, "ray_pel_stream_workers": WORKERS}
+    for name, value in expected.items():
+        assert _value(url, f"sum({name}{{{sel}}})") == value, name
+
+
+@pytest.mark.slow
 def test_detector_down_alert_fires_on_real_data(scraped, recorder):
     """Runs last: turns this actor's detector gauge off and evaluates the alert expression,
     restricted to this actor's series (other tests may run detectors on a shared cluster)."""

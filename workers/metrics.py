@@ -30,6 +30,12 @@ Ray 2.60 exports histogram ``_sum`` series approximated from bucket midpoints (c
 ``_bucket`` series are exact), so means are computed from counters instead: the mean batch size
 is ``rate(ray_pel_inference_crops_total) / rate(ray_pel_inference_batch_size_count)``.
 
+Ray 2.60 drops a gauge series from the export about 20 s after it was last recorded (its
+agent evicts gauges that stop being re-reported, so a dead process's series ages out). A gauge
+set once, like ``ray_pel_detector_ready``, would vanish while its process lives on, so each
+process re-records its gauges' last values every `GAUGE_REFRESH_S` seconds from a daemon
+thread; they still disappear when the process dies.
+
 Ray metric objects must be created in the process that records them, so `metrics()` builds
 one `Metrics` per process on first use. Label values are checked against the known sets (no
 URL or job id ever becomes a label); an unknown value raises `ValueError`.
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Iterable, Optional, Sequence
 
 from workers.decode import REASONS as _DECODE_REASONS
@@ -49,6 +56,7 @@ FRAME_STAGES = ("decoded", "sampled", "dropped")
 STREAM_ERROR_REASONS = tuple(_DECODE_REASONS) + ("detector", "internal")
 DEAD_LETTER_REASONS = ("invalid_job", "duplicate_id", "lease_expired", "failed")
 
+GAUGE_REFRESH_S = 2.0  # well inside Ray's ~20 s gauge eviction
 SCORE_BUCKETS = [round(0.05 * i, 2) for i in range(1, 21)]  # 0.05 .. 1.0 (0 is implicit)
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 INFERENCE_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -124,6 +132,9 @@ class Metrics:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._m: dict[str, object] = {}
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[float, Optional[dict]]] = {}
+        self._gauge_lock = threading.Lock()
+        self._refresher: Optional[threading.Thread] = None
         if enabled:
             from ray.util import metrics as rm
 
@@ -146,8 +157,23 @@ class Metrics:
             self._m[name].observe(value, tags=tags)  # type: ignore[attr-defined]
 
     def _set(self, name: str, value: float, tags: Optional[dict[str, str]] = None) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        with self._gauge_lock:
             self._m[name].set(value, tags=tags)  # type: ignore[attr-defined]
+            self._gauges[(name, tuple(sorted((tags or {}).items())))] = (value, tags)
+            if self._refresher is None:
+                self._refresher = threading.Thread(target=self._refresh_gauges, daemon=True,
+                                                   name="pel-gauge-refresh")
+                self._refresher.start()
+
+    def _refresh_gauges(self) -> None:
+        """Re-record every gauge's last value, so Ray keeps exporting it (module docstring)."""
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            with self._gauge_lock:
+                for (name, _), (value, tags) in self._gauges.items():
+                    self._m[name].set(value, tags=tags)  # type: ignore[attr-defined]
 
     # ---- recording --------------------------------------------------------------------------
     def clip(self, label: str, model: str, fake_probability: Optional[float] = None,
