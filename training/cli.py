@@ -1,4 +1,4 @@
-"""`pel prepare`, `pel train`, `pel calibrate`, `pel evaluate`.
+"""`pel prepare`, `pel train`, `pel average`, `pel calibrate`, `pel evaluate`.
 
 All take `--config FILE.yaml` (a `TrainConfig` mapping, validated by pydantic) and flags that
 override single fields; the merged config is validated again, so a bad value is a clear error.
@@ -110,6 +110,15 @@ def _train(args) -> int:
     return 0
 
 
+def _average(args) -> int:
+    from .weight_average import average_checkpoints
+
+    path, meta = average_checkpoints(args.checkpoints, args.output)
+    print(json.dumps({"checkpoint": str(path), "averaged": len(args.checkpoints),
+                      "backbone": meta.model.backbone, "input_size": meta.model.input_size}))
+    return 0
+
+
 def _calibrate(args) -> int:
     from .calibrate import calibrate
 
@@ -197,6 +206,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-checkpoint", help="start from this trained checkpoint (fine-tuning)")
     p.add_argument("--address", help="Ray cluster address")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("average", help="uniform weight average (SWA) of checkpoints of one run")
+    p.add_argument("checkpoints", nargs="+", help="two or more checkpoints, same architecture")
+    p.add_argument("-o", "--output", required=True, help="averaged (uncalibrated) checkpoint")
+    p.set_defaults(func=_average)
 
     p = sub.add_parser("calibrate", help="fit temperature and threshold into a checkpoint")
     _common(p)
