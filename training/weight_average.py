@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from pel_model.checkpoint import CheckpointError, CheckpointMeta, file_digest, read_meta
+from pel_model.checkpoint import (CheckpointError, CheckpointMeta, file_digest, read_meta,
+                                  save_checkpoint)
 
 
 def average_checkpoints(paths: list[str | Path], out: str | Path) -> tuple[Path, CheckpointMeta]:
@@ -19,7 +20,6 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> tuple[Path,
     import torch
     from safetensors.torch import load_file
 
-    from pel_model.checkpoint import save_checkpoint
     from pel_model.pel import PEL
 
     if len(paths) < 2:
