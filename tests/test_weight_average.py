@@ -37,6 +37,7 @@ def test_average_is_the_mean_of_every_weight_and_statistic(tmp_path, capsys):
     assert meta.trained and not meta.calibrated and meta.temperature == 1.0
     assert [c["metrics"] for c in meta.provenance["weight_average"]["checkpoints"]] == \
         ["epoch 0", "epoch 1", "epoch 2"]
+    assert "metrics" not in meta.provenance  # no one epoch's figures claimed for the average
     model, _ = load_checkpoint(out)
     with torch.no_grad():
         logits = model(torch.from_numpy(face_batch(4, SMALL.input_size)))

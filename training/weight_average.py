@@ -40,7 +40,9 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> tuple[Path,
              for k, v in total.items()}
     model = PEL(metas[0].model, load_pretrained=False)
     model.load_state_dict(state)  # strict: same keys and shapes as the architecture
-    provenance = dict(metas[0].provenance)
+    # the run's shared provenance; per-epoch figures stay with each averaged checkpoint below
+    provenance = {k: v for k, v in metas[0].provenance.items()
+                  if k not in ("epoch", "metrics", "history", "stopped")}
     provenance["weight_average"] = {
         "method": "uniform (SWA, Izmailov et al. 2018); BatchNorm statistics averaged",
         "checkpoints": [{"path": str(p), "sha256": file_digest(p),
