@@ -33,6 +33,9 @@ class ModelConfig(_Strict):
     mutual_stages: tuple[int, ...] = (1, 2, 3, 4, 5)
     attention_reduction: int = 16
     dropout: float = 0.2
+    # A 3x3 median over the input crop ahead of both streams (a denoising prefilter; no
+    # weights, so a checkpoint can be fine-tuned with it switched on). Off in older checkpoints.
+    input_median: bool = False
     # RGB stream normalisation; null: the backbone's own pretrained configuration (ImageNet
     # statistics for timm's EfficientNets, 0.5/0.5 for the Lite weights), resolved when the
     # network is built and stored in its checkpoints.

@@ -1,6 +1,9 @@
 """The PEL network (Gu et al., "Exploiting Fine-grained Face Forgery Clues via Progressive
 Enhancement Learning", AAAI 2022).
 
+Optionally (`input_median`) a 3x3 median filters the input crop ahead of both streams, an
+input-denoising prefilter against impulse noise (not in the paper).
+
 Two streams share one backbone architecture (timm EfficientNet, B4 by default):
 - RGB stream: the backbone as is.
 - Frequency stream: `FrequencyInput` (YCbCr, sliding 8x8 DCT with stride 2, 192 -> 64 ch at
@@ -24,6 +27,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import ChannelAttention, FrequencyInput, MutualEnhancement, NoiseEnhancement
+from .layers.median import median3x3
 from .preprocess import normalize, validate_crops
 from .weights import BackboneWeights, load_strict, pretrained_normalization, resolve_backbone_weights
 
@@ -92,6 +96,8 @@ class PEL(nn.Module):
         validate_crops(crops, self.cfg.input_size)
         x_rgb, rgb255 = normalize(crops, self.cfg.rgb_mean, self.cfg.rgb_std,
                                   dtype=self.fc.weight.dtype)
+        if self.cfg.input_median:  # the median commutes with the (increasing) normalisation
+            x_rgb, rgb255 = median3x3(x_rgb), median3x3(rgb255)
         fr = self.rgb.bn1(self.rgb.conv_stem(x_rgb))
         ff = self.freq.bn1(self.freq.conv_stem(self.freq_input(rgb255)))
         for i, (stage_rgb, stage_freq) in enumerate(zip(self.rgb.blocks, self.freq.blocks)):

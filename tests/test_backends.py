@@ -35,6 +35,23 @@ def test_onnxruntime_matches_pytorch(model, onnx_path, batch):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
 
 
+def test_onnx_export_of_the_input_median_matches_pytorch(model, tmp_path):
+    from pel_model.export import export_onnx
+    from pel_model.pel import PEL
+
+    filtered = PEL(model.cfg.model_copy(update={"input_median": True}), load_pretrained=False).eval()
+    filtered.load_state_dict(model.state_dict())
+    path = export_onnx(filtered, tmp_path / "median.onnx")
+    crops = face_batch(3, 224, seed=11)
+    crops[:, ::9, ::7] = 0  # impulses, so the prefilter has work to do
+    with torch.no_grad():
+        ref = filtered(torch.from_numpy(crops)).numpy()
+        plain = model(torch.from_numpy(crops)).numpy()
+    got = OnnxRuntimeBackend(path, 224).logits(crops)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+    assert np.abs(ref - plain).max() > 1e-3
+
+
 def test_torch_backend_and_auto_selection(model, onnx_path):
     crops = face_batch(4, 224)
     tb = TorchBackend(model)

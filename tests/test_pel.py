@@ -153,3 +153,32 @@ def test_unreachable_imagenet_weights_fall_back_to_random_with_a_warning(monkeyp
     model = PEL(SMALL.model_copy(update={"pretrained": True}), load_pretrained=True)
     assert "random initialisation" in caplog.text
     assert model.fc.in_features == 2 * 1280
+
+
+def _median_filtered_crops(crops: np.ndarray) -> np.ndarray:
+    """Reference 3x3 median per channel (replicate borders) with torch.median."""
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    patches = p.unfold(2, 3, 1).unfold(3, 3, 1).reshape(*x.shape, 9)
+    return patches.median(dim=-1).values.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def test_input_median_filters_the_crop_ahead_of_both_streams_and_travels_in_checkpoints(tmp_path):
+    plain = small_model(seed=3)
+    cfg = plain.cfg.model_copy(update={"input_median": True})
+    filtered = PEL(cfg, load_pretrained=False).eval()
+    filtered.load_state_dict(plain.state_dict())  # no weights of its own
+    crops = face_batch(4, 224, seed=7)
+    noisy = crops.copy()
+    noisy[:, ::17, ::13] = 255  # isolated impulses: the median removes every one
+    with torch.no_grad():
+        got = filtered(torch.from_numpy(noisy))
+        ref = plain(torch.from_numpy(_median_filtered_crops(noisy)))
+        unfiltered = plain(torch.from_numpy(noisy))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert (got - unfiltered).abs().max() > 1e-3  # the prefilter changes what the streams see
+    path = save_checkpoint(tmp_path / "m.safetensors", filtered, CheckpointMeta(model=cfg, trained=True))
+    loaded, meta = load_checkpoint(path)
+    assert meta.model.input_median and loaded.cfg.input_median
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(torch.from_numpy(noisy)), got, rtol=0, atol=1e-6)

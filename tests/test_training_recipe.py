@@ -206,6 +206,7 @@ def test_init_checkpoint_copies_every_tensor_and_refuses_another_network(tmp_pat
         check_init_checkpoint(cfg.model_copy(update={"dct_channels": 32}), path)
     with pytest.raises(CheckpointError, match="input_size"):
         check_init_checkpoint(cfg.model_copy(update={"input_size": 96}), path)
+    check_init_checkpoint(cfg.model_copy(update={"input_median": True}), path)  # no weights of its own
     assert TrainConfig(init_checkpoint=path).init_checkpoint == path
 
 
@@ -324,3 +325,10 @@ def test_evaluate_the_untrained_baseline_with_per_item_scores_and_per_dataset_fi
     with open(report["videos_csv"]) as f:
         videos = list(csv.DictReader(f))
     assert len(videos) == 6 and all(v["frames"] == "2" for v in videos)
+    # the input median prefilter switched on for one evaluation (same weights, same seed)
+    median = evaluate(None, tmp_path, tmp_path / "eval-median", "test", {}, batch_size=8,
+                      model_cfg=cfg, input_median=True)
+    assert report["input_median"] is False and median["input_median"] is True
+    with open(median["scores_csv"]) as f:
+        filtered = [float(r["fake_probability"]) for r in csv.DictReader(f)]
+    assert filtered != [float(r["fake_probability"]) for r in scored]

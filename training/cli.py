@@ -144,7 +144,7 @@ def _evaluate(args) -> int:
     report = evaluate(None if untrained else Path(args.checkpoint), Path(args.data), out, args.split,
                       parse_perturbations(args.robustness), cfg.eval_batch_size, cfg.seed, args.device,
                       int8_calibration=args.int8_calibration, int8_keep_float=args.int8_keep_float,
-                      model_cfg=cfg.model)
+                      model_cfg=cfg.model, input_median=args.input_median)
     print(json.dumps({"report": str(out / "report.json"), "clean": report["clean"],
                       "by_dataset": report["by_dataset"], "scores_csv": report["scores_csv"],
                       "robustness_delta": {k: v["delta"] for k, v in report["robustness"].items()},
@@ -238,4 +238,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "folder, its val split, or face images) and compare with FP32 on --split")
     p.add_argument("--int8-keep-float", nargs="+", default=(), metavar="PREFIX",
                    help="with --int8-calibration: weight-name prefixes of layers kept in float")
+    p.add_argument("--input-median", action=argparse.BooleanOptionalAction, default=None,
+                   help="switch the input median prefilter on (or off with --no-input-median) "
+                        "whatever the checkpoint says (default: as the checkpoint says)")
     p.set_defaults(func=_evaluate)

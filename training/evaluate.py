@@ -178,10 +178,17 @@ def write_scores(out_dir: Path, rows: list[dict], labels: np.ndarray, probs: np.
 def evaluate(checkpoint: Optional[Path], prepared: Path, out_dir: Path, split: str = "test",
              perturbations: Optional[dict[str, float]] = None, batch_size: int = 64,
              seed: int = 0, device: str = "cpu", int8_calibration: Optional[Path] = None,
-             int8_keep_float: tuple[str, ...] = (), model_cfg: Optional[ModelConfig] = None) -> dict:
+             int8_keep_float: tuple[str, ...] = (), model_cfg: Optional[ModelConfig] = None,
+             input_median: Optional[bool] = None) -> dict:
     """Evaluate and write the report (see module doc); returns the report dict.
-    `checkpoint=None` scores the untrained network of `model_cfg` (a chance baseline)."""
+    `checkpoint=None` scores the untrained network of `model_cfg` (a chance baseline).
+    `input_median` switches the input median prefilter on or off whatever the checkpoint says
+    (it has no weights): what would these weights do with it."""
     model, meta = load_for_evaluation(checkpoint, model_cfg, device)
+    if input_median is not None and input_median != model.cfg.input_median:
+        model.cfg = model.cfg.model_copy(update={"input_median": input_median})
+        log.warning("input median prefilter switched %s for this evaluation (checkpoint: %s)",
+                    "on" if input_median else "off", "on" if meta.model.input_median else "off")
     size = manifest(prepared)["size"]
     if size != meta.model.input_size:
         raise ValueError(f"{prepared} holds {size}px crops, the checkpoint expects "
@@ -200,6 +207,7 @@ def evaluate(checkpoint: Optional[Path], prepared: Path, out_dir: Path, split: s
     report = {"checkpoint": str(checkpoint) if checkpoint else "untrained", "prepared": str(prepared),
               "split": split, "dataset": dataset, "temperature": t, "threshold": thr,
               "calibrated": meta.calibrated, "trained": meta.trained,
+              "input_median": model.cfg.input_median,
               "video_score": "mean of frame probabilities", "clean": _levels(labels, probs, videos, thr),
               "ece": expected_calibration_error(labels, probs),
               "ece_uncalibrated": expected_calibration_error(labels, sigmoid(logits)),

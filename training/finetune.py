@@ -21,7 +21,8 @@ from pel_model.checkpoint import CheckpointError, CheckpointMeta, file_digest, r
 from pel_model.config import ModelConfig, TrainConfig
 from pel_model.pel import PEL, resolve_config
 
-_NOT_ARCHITECTURE = {"pretrained", "backbone_weights"}
+# settings that leave the weights' layout unchanged (an init checkpoint may differ in them)
+_NOT_ARCHITECTURE = {"pretrained", "backbone_weights", "input_median"}
 
 
 def check_init_checkpoint(cfg: ModelConfig, path) -> CheckpointMeta:
