@@ -245,7 +245,8 @@ def test_progress_lines_without_a_terminal(capsys):
 RECIPES = Path(__file__).resolve().parents[1] / "training" / "recipes"
 
 
-@pytest.mark.parametrize("name", ["cpu-lite0-224", "cpu-lite0-224-stage2", "gpu-lite2-320"])
+@pytest.mark.parametrize("name", ["cpu-lite0-224", "cpu-lite0-224-stage2", "cpu-lite0-224-stage3",
+                                  "cpu-lite0-224-stage4-median", "gpu-lite2-320"])
 def test_recipes_validate_and_name_backbones_with_offline_weights(name):
     from pel_model.weights import PACKAGED
     from training.cli import load_train_config
@@ -259,6 +260,11 @@ def test_recipes_validate_and_name_backbones_with_offline_weights(name):
         first = load_train_config(str(RECIPES / "cpu-lite0-224.yaml"))
         assert cfg.init_checkpoint == first.storage_path / first.run_name / "best.safetensors"
         assert cfg.sources == first.sources and cfg.model == first.model and cfg.seed != first.seed
+    if name.endswith("median"):  # the stage-1 network with the prefilter, on the same data
+        first = load_train_config(str(RECIPES / "cpu-lite0-224.yaml"))
+        assert cfg.model.input_median and not first.model.input_median
+        assert cfg.model.model_copy(update={"input_median": False}) == first.model
+        assert cfg.sources == first.sources and cfg.init_checkpoint is not None
 
 
 def test_prepare_from_a_config_with_several_sources(tmp_path, capsys):
