@@ -36,7 +36,7 @@ from .common import (count_flops, face_crops, machine_info, markdown_table, nump
 DEFAULT_CONFIGS = ("b4@320", "b0@224")
 DEFAULT_BATCHES = (1, 8, 32)
 QUICK = {"configs": ("b0@96",), "batches": (1, 2), "warmup": 1, "repeats": 1, "gemm_n": 1024}
-_SPEC = re.compile(r"^(?:(?:tf_)?efficientnet_)?(b[0-8]|lite[0-4])@(\d+)$")
+_SPEC = re.compile(r"^(?:(?:tf_)?efficientnet_)?(b[0-8]|lite[0-4])@(\d+)(\+median)?$")
 
 TABLE_COLUMNS = [
     ("config", "config"), ("gflops_per_face", "GFLOPs/face"), ("batch", "batch"),
@@ -50,17 +50,20 @@ TABLE_COLUMNS = [
 
 def parse_spec(spec: str) -> ModelConfig:
     """"b4@320" (or "efficientnet_b4@320"), "lite0@224" (timm's tf_efficientnet_lite0, the
-    shipped model's backbone) -> ModelConfig for that backbone and crop size."""
+    shipped model's backbone) -> ModelConfig for that backbone and crop size; a "+median" suffix
+    ("lite0@224+median") switches the input median prefilter on."""
     m = _SPEC.match(spec.strip().lower())
     if not m:
         raise ValueError(f"bad model spec {spec!r}: expected e.g. b4@320 or lite0@224")
     variant = m.group(1)
     backbone = f"tf_efficientnet_{variant}" if variant.startswith("lite") else f"efficientnet_{variant}"
-    return ModelConfig(backbone=backbone, input_size=int(m.group(2)), pretrained=False)
+    return ModelConfig(backbone=backbone, input_size=int(m.group(2)), pretrained=False,
+                       input_median=bool(m.group(3)))
 
 
 def _label(cfg: ModelConfig) -> str:
-    return f"{cfg.backbone.removeprefix('tf_').removeprefix('efficientnet_')}@{cfg.input_size}"
+    name = f"{cfg.backbone.removeprefix('tf_').removeprefix('efficientnet_')}@{cfg.input_size}"
+    return name + ("+median" if cfg.input_median else "")
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, calibration_batch: int = 4) -> PEL:

@@ -95,9 +95,8 @@ class PEL(nn.Module):
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         validate_crops(crops, self.cfg.input_size)
         x_rgb, rgb255 = normalize(crops, self.cfg.rgb_mean, self.cfg.rgb_std,
-                                  dtype=self.fc.weight.dtype)
-        if self.cfg.input_median:  # the median commutes with the (increasing) normalisation
-            x_rgb, rgb255 = median3x3(x_rgb), median3x3(rgb255)
+                                  dtype=self.fc.weight.dtype,
+                                  prefilter=median3x3 if self.cfg.input_median else None)
         fr = self.rgb.bn1(self.rgb.conv_stem(x_rgb))
         ff = self.freq.bn1(self.freq.conv_stem(self.freq_input(rgb255)))
         for i, (stage_rgb, stage_freq) in enumerate(zip(self.rgb.blocks, self.freq.blocks)):

@@ -6,7 +6,7 @@ sees the raw 0-255 values (converted to YCbCr inside the network).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -31,12 +31,17 @@ def validate_crops(crops: "torch.Tensor | np.ndarray", input_size: int) -> None:
 
 
 def normalize(crops: "torch.Tensor", mean: Sequence[float], std: Sequence[float],
-              dtype: "torch.dtype | None" = None) -> "tuple[torch.Tensor, torch.Tensor]":
-    """uint8 (N, S, S, 3) -> (normalised RGB, RGB in 0-255), both (N, 3, S, S) channels-last."""
+              dtype: "torch.dtype | None" = None,
+              prefilter: "Callable[[torch.Tensor], torch.Tensor] | None" = None,
+              ) -> "tuple[torch.Tensor, torch.Tensor]":
+    """uint8 (N, S, S, 3) -> (normalised RGB, RGB in 0-255), both (N, 3, S, S) channels-last;
+    `prefilter` (e.g. the input median) runs once on the 0-255 values, before normalising."""
     import torch
 
     dtype = dtype or torch.float32
     rgb255 = crops.permute(0, 3, 1, 2).to(dtype)
+    if prefilter is not None:
+        rgb255 = prefilter(rgb255)
     m = torch.tensor(mean, dtype=dtype, device=crops.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=dtype, device=crops.device).view(1, 3, 1, 1)
     return (rgb255 / 255.0 - m) / s, rgb255

@@ -70,6 +70,7 @@ def test_flop_count_is_plausible(result: dict) -> None:
 def test_bad_specs_are_rejected() -> None:
     assert parse_spec("efficientnet_b4@320").backbone == "efficientnet_b4"
     assert parse_spec("lite0@224").backbone == "tf_efficientnet_lite0"  # the shipped model's
+    assert parse_spec("lite0@224+median").input_median and not parse_spec("lite0@224").input_median
     with pytest.raises(ValueError, match="bad model spec"):
         parse_spec("resnet50@224")
     with pytest.raises(ValueError, match="multiple of 32"):

@@ -264,7 +264,9 @@ def test_recipes_validate_and_name_backbones_with_offline_weights(name):
         first = load_train_config(str(RECIPES / "cpu-lite0-224.yaml"))
         assert cfg.model.input_median and not first.model.input_median
         assert cfg.model.model_copy(update={"input_median": False}) == first.model
-        assert cfg.sources == first.sources and cfg.init_checkpoint is not None
+        third = load_train_config(str(RECIPES / "cpu-lite0-224-stage3.yaml"))
+        assert cfg.init_checkpoint == third.storage_path / third.run_name / "best.safetensors"
+        assert cfg.sources == first.sources and cfg.seed not in (first.seed, third.seed)
 
 
 def test_prepare_from_a_config_with_several_sources(tmp_path, capsys):
