@@ -1,7 +1,7 @@
 """Checkpoints: safetensors weights plus JSON metadata in the file's header.
 
 Metadata: format version, architecture config (`ModelConfig`, incl. input size and normalisation),
-calibration (temperature, decision threshold), whether the model was trained and calibrated, and
+calibration (temperature, logit bias, decision threshold), whether the model was trained and calibrated, and
 provenance (data, recipe, metrics, code version). Loading never unpickles anything.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ class CheckpointError(ValueError):
 class CheckpointMeta:
     model: ModelConfig = field(default_factory=ModelConfig)
     temperature: float = 1.0
+    logit_bias: float = 0.0
     threshold: float = 0.5
     trained: bool = False
     calibrated: bool = False

@@ -420,8 +420,12 @@ class TrainConfig(_Strict):
     augmentation: AugmentConfig = AugmentConfig()
     loader_threads: int = Field(2, ge=1)
     eval_batch_size: int = Field(64, ge=1)
-    # Calibration: decision threshold at this false-positive rate on real faces.
+    # Calibration (`pel calibrate`): decision threshold at this false-positive rate on real
+    # faces; the logit-to-probability map (`temperature`: sigmoid(z / T); `platt`: sigmoid(z / T + b));
+    # and the share of fakes the probabilities refer to (None: the calibration split's own share).
     target_fpr: float = Field(0.01, gt=0, lt=1)
+    calibration: Literal["temperature", "platt"] = "platt"
+    calibration_prior: Optional[float] = Field(0.5, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _even_batch(self) -> "TrainConfig":

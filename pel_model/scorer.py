@@ -1,6 +1,6 @@
 """From a configured checkpoint to calibrated fake probabilities.
 
-`Scorer` wraps a backend with the checkpoint's calibration: `p = sigmoid(logit / T)` and the
+`Scorer` wraps a backend with the checkpoint's calibration: `p = sigmoid(logit / T + b)` and the
 decision threshold. A model that was never trained or never calibrated is reported loudly here
 and carried in `warnings`, which the service copies into every verdict.
 """
@@ -23,9 +23,11 @@ from .config import DEFAULT_CHECKPOINT, DetectorConfig, ModelConfig
 log = logging.getLogger(__name__)
 
 
-def calibrated_probability(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """`sigmoid(logit / T)` in float64: the one logit-to-probability map of training and serving."""
-    return expit(np.asarray(logits, np.float64) / temperature)
+def calibrated_probability(logits: np.ndarray, temperature: float = 1.0,
+                           bias: float = 0.0) -> np.ndarray:
+    """`sigmoid(logit / T + b)` in float64: the one logit-to-probability map of training and
+    serving (T and b from `pel calibrate`; b = 0 for temperature scaling)."""
+    return expit(np.asarray(logits, np.float64) / temperature + bias)
 
 
 @dataclass
@@ -41,7 +43,8 @@ class Scorer:
         return self.backend.input_size
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
-        return calibrated_probability(self.backend.logits(crops), self.meta.temperature).astype(np.float32)
+        return calibrated_probability(self.backend.logits(crops), self.meta.temperature,
+                                      self.meta.logit_bias).astype(np.float32)
 
 
 def onnx_artifact(cfg: DetectorConfig, checkpoint_digest: str | None = None) -> Path:

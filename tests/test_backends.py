@@ -87,7 +87,8 @@ def test_torch_cuda_backend_matches_cpu(model, precision, atol):
 def calibrated(model, tmp_path_factory):
     """A calibrated checkpoint of `model` and the artifacts folder its first load exports to."""
     tmp = tmp_path_factory.mktemp("calibrated")
-    meta = CheckpointMeta(model=SMALL, temperature=2.0, threshold=0.3, trained=True, calibrated=True)
+    meta = CheckpointMeta(model=SMALL, temperature=2.0, logit_bias=-0.4, threshold=0.3,
+                          trained=True, calibrated=True)
     return save_checkpoint(tmp / "m.safetensors", model, meta), tmp / "art"
 
 
@@ -96,7 +97,8 @@ def test_scorer_applies_checkpoint_calibration(model, calibrated, monkeypatch):
     scorer = load_scorer(DetectorConfig(checkpoint=ckpt, artifacts_dir=art), device="cpu")
     crops = face_batch(5, 224)
     logits = TorchBackend(model).logits(crops)
-    np.testing.assert_allclose(scorer.probabilities(crops), 1 / (1 + np.exp(-logits / 2.0)), atol=1e-4)
+    np.testing.assert_allclose(scorer.probabilities(crops), 1 / (1 + np.exp(-(logits / 2.0 - 0.4))),
+                               atol=1e-4)
     assert scorer.threshold == 0.3 and not scorer.warnings
     assert scorer.model_id.startswith("pel-efficientnet_b0-224@") and "onnxruntime" in scorer.model_id
     assert list(art.glob("*.onnx"))  # the export is cached beside the checkpoint's hash

@@ -93,7 +93,7 @@ def test_bad_inputs_raise_clear_errors(bad, match):
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
     model = small_model()
-    meta = CheckpointMeta(model=SMALL, temperature=1.7, threshold=0.42, trained=True,
+    meta = CheckpointMeta(model=SMALL, temperature=1.7, logit_bias=-0.25, threshold=0.42, trained=True,
                           calibrated=True, provenance={"data": "unit-test"})
     path = save_checkpoint(tmp_path / "m.safetensors", model, meta)
     loaded, meta2 = load_checkpoint(path)

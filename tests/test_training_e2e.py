@@ -94,6 +94,7 @@ def _calibrate_evaluate_serve(tmp: Path, best: Path, prepared: Path, eval_split:
     meta = read_meta(cal.checkpoint)
     assert meta.calibrated and meta.trained
     assert meta.temperature == pytest.approx(cal.temperature) and cal.temperature > 0
+    assert cal.method == "platt" and meta.logit_bias == pytest.approx(cal.logit_bias)
     assert meta.threshold == pytest.approx(cal.threshold) and 0 < cal.threshold < 1
     assert cal.diagram.stat().st_size > 1000
     assert "calibration" in meta.provenance
@@ -106,6 +107,9 @@ def _calibrate_evaluate_serve(tmp: Path, best: Path, prepared: Path, eval_split:
     for level in ("frame", "video"):
         assert 0 <= saved["clean"][level]["auc"] <= 1 and 0 <= saved["clean"][level]["acc"] <= 1
     assert set(report["robustness"]) == set(perturbations)
+    assert saved["logit_bias"] == pytest.approx(cal.logit_bias)
+    if saved["clean"]["frame"]["n_real"] and saved["clean"]["frame"]["n_fake"]:
+        assert saved["ece_at_calibration_prior"]["prior"] == 0.5
     for d in report["robustness"].values():
         assert d["delta"]["frame"]["auc"] == pytest.approx(d["frame"]["auc"] - saved["clean"]["frame"]["auc"])
     assert (tmp / "eval" / "roc.png").stat().st_size > 1000
@@ -135,7 +139,8 @@ def _calibrate_evaluate_serve(tmp: Path, best: Path, prepared: Path, eval_split:
     crops = load_crops(prepared, read_index(prepared, eval_split)[:4])
     probs = scorer.probabilities(crops)
     with torch.no_grad():
-        ref = torch.sigmoid(model(torch.from_numpy(crops)).double() / meta.temperature).numpy()
+        ref = torch.sigmoid(model(torch.from_numpy(crops)).double() / meta.temperature
+                            + meta.logit_bias).numpy()
     assert probs.shape == (4,)
     np.testing.assert_allclose(probs, ref, atol=1e-3)
     if export:  # the service's INT8 path: Q/DQ graph calibrated on the prepared val split

@@ -246,7 +246,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "training" / "recipes"
 
 
 @pytest.mark.parametrize("name", ["cpu-lite0-224", "cpu-lite0-224-stage2", "cpu-lite0-224-stage3",
-                                  "cpu-lite0-224-stage4-median", "gpu-lite2-320"])
+                                  "cpu-lite0-224-stage4-median", "cpu-lite0-224-stage5-noise",
+                                  "gpu-lite2-320"])
 def test_recipes_validate_and_name_backbones_with_offline_weights(name):
     from pel_model.weights import PACKAGED
     from training.cli import load_train_config
@@ -267,6 +268,12 @@ def test_recipes_validate_and_name_backbones_with_offline_weights(name):
         third = load_train_config(str(RECIPES / "cpu-lite0-224-stage3.yaml"))
         assert cfg.init_checkpoint == third.storage_path / third.run_name / "best.safetensors"
         assert cfg.sources == first.sources and cfg.seed not in (first.seed, third.seed)
+    if name.endswith("noise"):  # stage 4's network and data, more Gaussian noise
+        fourth = load_train_config(str(RECIPES / "cpu-lite0-224-stage4-median.yaml"))
+        assert cfg.model == fourth.model and cfg.sources == fourth.sources
+        assert cfg.init_checkpoint == fourth.storage_path / fourth.run_name / "best.safetensors"
+        assert cfg.augmentation.gaussian_noise > fourth.augmentation.gaussian_noise
+        assert cfg.seed != fourth.seed
 
 
 def test_prepare_from_a_config_with_several_sources(tmp_path, capsys):
@@ -340,3 +347,48 @@ def test_evaluate_the_untrained_baseline_with_per_item_scores_and_per_dataset_fi
     with open(median["scores_csv"]) as f:
         filtered = [float(r["fake_probability"]) for r in csv.DictReader(f)]
     assert filtered != [float(r["fake_probability"]) for r in scored]
+
+
+def test_calibrate_cli_fits_platt_for_a_balanced_prior_by_default_and_temperature_on_request(
+        tmp_path, capsys):
+    """`pel calibrate` writes T, b and the prior into the checkpoint; `--method temperature
+    --prior split` is plain temperature scaling on the split as it is (b = 0)."""
+    from model_utils import face_batch, small_model
+    from pel_model.checkpoint import CheckpointMeta, read_meta, save_checkpoint
+    from pel_model.cli import main
+
+    cfg = ModelConfig(backbone="efficientnet_b0", input_size=64, pretrained=False)
+    (tmp_path / "crops").mkdir()
+    rows = []
+    for i, crop in enumerate(face_batch(24, 64, seed=5)):
+        label = int(i % 3 != 0)  # two fakes per real, as a split can happen to be
+        if label:
+            crop = A.gaussian_blur(crop, 2.0)  # something the network's logits can follow
+        Image.fromarray(crop).save(tmp_path / "crops" / f"{i}.png")
+        rows.append({"video": f"v{i}", "frame": 0, "label": label, "split": "val",
+                     "dataset": "d", "path": f"crops/{i}.png"})
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "manifest.json").write_text(json.dumps({"size": 64, "dataset": "d"}))
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", small_model(cfg=cfg),
+                           CheckpointMeta(model=cfg, trained=True))
+
+    out = {}
+    for name, flags in (("platt", []), ("temperature", ["--method", "temperature", "--prior", "split"])):
+        dest = tmp_path / f"{name}.safetensors"
+        assert main(["calibrate", str(ckpt), "--data", str(tmp_path), "--target-fpr", "0.125",
+                     "-o", str(dest), *flags]) == 0
+        out[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        meta = read_meta(dest)
+        assert meta.calibrated and meta.temperature == pytest.approx(out[name]["temperature"])
+        assert meta.logit_bias == pytest.approx(out[name]["logit_bias"])
+        assert meta.provenance["calibration"]["method"] == name
+    assert out["platt"]["prior"] == 0.5 and out["platt"]["ece_at_prior"]["prior"] == 0.5
+    assert out["platt"]["logit_bias"] != 0.0
+    assert out["temperature"]["prior"] is None and out["temperature"]["logit_bias"] == 0.0
+    assert out["temperature"]["ece_at_prior"] is None
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(ckpt), "--data", str(tmp_path), "--method", "isotonic"])
+    capsys.readouterr()
+    # A prior must lie in (0, 1): validated with the config, a clear error, nothing written.
+    assert main(["calibrate", str(ckpt), "--data", str(tmp_path), "--prior", "1.5"]) != 0
+    assert "calibration_prior" in capsys.readouterr().err

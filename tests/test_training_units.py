@@ -14,7 +14,7 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 
 from media import astronaut, make_face_video
 from training import metrics
-from training.calibrate import fit_temperature, threshold_for_fpr
+from training.calibrate import fit_calibration, fit_temperature, threshold_for_fpr
 from training.datasets import DatasetError, load_sources
 from training.evaluate import parse_perturbations, perturb
 from training.media import even_indices, video_frames
@@ -88,6 +88,45 @@ def test_temperature_and_threshold():
     assert (real >= thr).mean() <= 0.01 and (real >= np.sort(real)[-11]).mean() > 0.01
     with pytest.raises(ValueError):
         fit_temperature(np.zeros(3), np.zeros(3))
+
+
+def test_platt_fit_recovers_scale_and_offset_and_removes_the_split_prior():
+    """Balanced data: u | fake ~ N(1, 1), u | real ~ N(-1, 1), so the posterior logit is 2u.
+    The split keeps every fake but a quarter of the reals (80 % fakes); the model reports
+    z = 3 (2u - 1). Fitted to the split as it is, Platt finds T = 3 and b = 1 + log(4) (the
+    split's share of fakes); weighted to a 50 % prior the share drops out (b = 1);
+    temperature scaling cannot express the offset (b = 0)."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 40000)
+    u = rng.normal(2 * y - 1, 1.0)
+    keep = (y == 1) | (rng.random(y.size) < 0.25)
+    labels, z = y[keep], 3 * (2 * u[keep] - 1)
+    assert labels.mean() == pytest.approx(0.8, abs=0.01)
+    t, b = fit_calibration(z, labels, "platt", prior=None)
+    assert t == pytest.approx(3.0, rel=0.05)
+    assert b == pytest.approx(1 + np.log(labels.mean() / (1 - labels.mean())), abs=0.08)
+    t, b = fit_calibration(z, labels, "platt", prior=0.5)
+    assert t == pytest.approx(3.0, rel=0.05) and b == pytest.approx(1.0, abs=0.08)
+    t, b = fit_calibration(z, labels, "temperature", prior=0.5)
+    assert b == 0.0
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        fit_calibration(z, labels, "isotonic")
+
+
+def test_ece_weighted_to_a_prior_equals_ece_of_the_rebalanced_sample():
+    rng = np.random.default_rng(2)
+    labels = np.array([0] * 30 + [1] * 10)
+    probs = rng.uniform(0, 1, labels.size)
+    # Each fake counted three times: a sample with 50 % fakes.
+    dup_labels = np.concatenate([labels, labels[labels == 1], labels[labels == 1]])
+    dup_probs = np.concatenate([probs, probs[labels == 1], probs[labels == 1]])
+    assert metrics.expected_calibration_error(labels, probs, prior=0.5) == pytest.approx(
+        metrics.expected_calibration_error(dup_labels, dup_probs))
+    assert metrics.expected_calibration_error(labels, probs, prior=0.25) == pytest.approx(
+        metrics.expected_calibration_error(labels, probs))
+    np.testing.assert_allclose(metrics.class_weights(labels, 0.5).sum(), 1.0)
+    with pytest.raises(ValueError, match="real and fake"):
+        metrics.class_weights(np.zeros(4), 0.5)
 
 
 # ----------------------------------------------------------------------------- SBI

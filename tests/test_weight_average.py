@@ -11,7 +11,7 @@ from pel_model.cli import main
 
 
 def _ckpt(tmp_path, name, seed, cfg=SMALL):
-    meta = CheckpointMeta(model=cfg, trained=True, calibrated=True, temperature=2.0,
+    meta = CheckpointMeta(model=cfg, trained=True, calibrated=True, temperature=2.0, logit_bias=0.3,
                           threshold=0.7, provenance={"metrics": f"epoch {seed}"})
     return save_checkpoint(tmp_path / name, small_model(seed, cfg), meta)
 
@@ -35,6 +35,7 @@ def test_average_is_the_mean_of_every_weight_and_statistic(tmp_path, capsys):
 
     meta = read_meta(out)  # calibration is the averaged model's own, to be fitted again
     assert meta.trained and not meta.calibrated and meta.temperature == 1.0
+    assert meta.logit_bias == 0.0
     assert [c["metrics"] for c in meta.provenance["weight_average"]["checkpoints"]] == \
         ["epoch 0", "epoch 1", "epoch 2"]
     assert "metrics" not in meta.provenance  # no one epoch's figures claimed for the average

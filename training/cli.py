@@ -122,13 +122,20 @@ def _average(args) -> int:
 def _calibrate(args) -> int:
     from .calibrate import calibrate
 
-    cfg = load_train_config(args.config, target_fpr=args.target_fpr)
+    split_prior = args.prior == "split"
+    cfg = load_train_config(args.config, target_fpr=args.target_fpr, calibration=args.method,
+                            calibration_prior=None if split_prior or args.prior is None
+                            else float(args.prior))
+    if split_prior:
+        cfg = cfg.model_copy(update={"calibration_prior": None})
     r = calibrate(Path(args.checkpoint), Path(args.data), args.split, cfg.target_fpr,
                   Path(args.output) if args.output else None, cfg.eval_batch_size, cfg.seed,
-                  args.device)
-    print(json.dumps({"checkpoint": str(r.checkpoint), "temperature": r.temperature,
+                  args.device, cfg.calibration, cfg.calibration_prior)
+    print(json.dumps({"checkpoint": str(r.checkpoint), "method": r.method, "prior": r.prior,
+                      "temperature": r.temperature, "logit_bias": r.logit_bias,
                       "threshold": r.threshold, "target_fpr": r.target_fpr,
                       "ece_before": r.ece_before, "ece_after": r.ece_after,
+                      "ece_at_prior": r.ece_at_prior,
                       "reliability_png": str(r.diagram), "metrics": r.metrics,
                       "warnings": r.warnings}))
     return 0
@@ -212,12 +219,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="averaged (uncalibrated) checkpoint")
     p.set_defaults(func=_average)
 
-    p = sub.add_parser("calibrate", help="fit temperature and threshold into a checkpoint")
+    p = sub.add_parser("calibrate", help="fit the probability map and threshold into a checkpoint")
     _common(p)
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="prepared folder")
     p.add_argument("--split", default="val")
     p.add_argument("--target-fpr", type=float, help="false-positive rate on real faces (default 0.01)")
+    p.add_argument("--method", choices=["platt", "temperature"],
+                   help="sigmoid(z / T + b) or sigmoid(z / T) (default: the config's, platt)")
+    p.add_argument("--prior", help="share of fakes the probabilities refer to, e.g. 0.5 or 0.01, "
+                                   "or 'split' for the split's own share (default: the config's, 0.5)")
     p.add_argument("-o", "--output", help="calibrated checkpoint (default <name>.calibrated.safetensors)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_calibrate)

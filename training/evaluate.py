@@ -1,7 +1,7 @@
 """`pel evaluate`: a checkpoint on a prepared split (any adapter: cross-dataset is just another
 prepared folder), clean and under perturbations.
 
-Probabilities are `sigmoid(logit / T)` with the checkpoint's temperature; accuracy uses the
+Probabilities are `sigmoid(logit / T + b)` with the checkpoint's calibration; accuracy uses the
 checkpoint's threshold. Frame level: every crop. Video level: a video's score is the mean of its
 frame probabilities. Robustness (as in the paper's Table 3): the crops are perturbed with
 Gaussian noise, salt-and-pepper noise, Gaussian blur or JPEG re-compression and metrics are
@@ -23,6 +23,7 @@ import torch
 from pel_model.checkpoint import CheckpointMeta, load_checkpoint
 from pel_model.config import ModelConfig
 from pel_model.pel import PEL
+from pel_model.scorer import calibrated_probability
 
 from . import augment as A
 from .data import eval_arrays, manifest, read_index
@@ -81,7 +82,8 @@ def _delta(clean: dict, other: dict) -> dict:
 
 
 def int8_accuracy_cost(fp32_path: Path, int8_path: Path, crops: np.ndarray, labels: np.ndarray,
-                       threshold: float = 0.5, temperature: float = 1.0, batch_size: int = 32) -> dict:
+                       threshold: float = 0.5, temperature: float = 1.0, batch_size: int = 32,
+                       bias: float = 0.0) -> dict:
     """What INT8 costs on labelled crops: AUC of both graphs, decision agreement at `threshold`
     (the service flags `p >= threshold`), and the largest probability change.
 
@@ -95,7 +97,7 @@ def int8_accuracy_cost(fp32_path: Path, int8_path: Path, crops: np.ndarray, labe
         backend = OnnxRuntimeBackend(path, crops.shape[1])
         logits = np.concatenate([backend.logits(crops[i:i + batch_size])
                                  for i in range(0, len(crops), batch_size)])
-        return sigmoid(logits / temperature)
+        return calibrated_probability(logits, temperature, bias)
 
     p32, p8 = probs(fp32_path), probs(int8_path)
     both = labels.min() != labels.max()
@@ -118,7 +120,8 @@ def int8_cost(model, meta, crops: np.ndarray, labels: np.ndarray, calibration: P
     fp32 = export_onnx(model, out_dir / "model.onnx")
     calib = load_calibration_crops(calibration, meta.model.input_size)
     int8 = quantize_int8(fp32, out_dir / "model.int8.onnx", calib, keep_float=keep_float)
-    cost = int8_accuracy_cost(fp32, int8, crops, labels, meta.threshold, meta.temperature)
+    cost = int8_accuracy_cost(fp32, int8, crops, labels, meta.threshold, meta.temperature,
+                              bias=meta.logit_bias)
     log.info("INT8 vs FP32 on %d crops: AUC %.4f -> %.4f, decision agreement %.4f", cost["n"],
              cost["auc_fp32"], cost["auc_int8"], cost["decision_agreement"])
     return {**cost, "calibration": str(calibration), "calibration_crops": int(len(calib)),
@@ -200,22 +203,26 @@ def evaluate(checkpoint: Optional[Path], prepared: Path, out_dir: Path, split: s
                     "fake" if labels[0] else "real")
     if not meta.trained:
         log.warning("evaluating an UNTRAINED network: a chance baseline, not a detector")
-    t, thr = meta.temperature, meta.threshold
+    t, b, thr = meta.temperature, meta.logit_bias, meta.threshold
     dataset = manifest(prepared).get("dataset", "")
     logits = predict_logits(model, crops, batch_size, device)
-    probs = sigmoid(logits / t)
+    probs = calibrated_probability(logits, t, b)
     report = {"checkpoint": str(checkpoint) if checkpoint else "untrained", "prepared": str(prepared),
-              "split": split, "dataset": dataset, "temperature": t, "threshold": thr,
+              "split": split, "dataset": dataset, "temperature": t, "logit_bias": b, "threshold": thr,
               "calibrated": meta.calibrated, "trained": meta.trained,
               "input_median": model.cfg.input_median,
               "video_score": "mean of frame probabilities", "clean": _levels(labels, probs, videos, thr),
               "ece": expected_calibration_error(labels, probs),
               "ece_uncalibrated": expected_calibration_error(labels, sigmoid(logits)),
               "by_dataset": by_dataset(rows, labels, probs, thr, dataset), "robustness": {}}
+    prior = meta.provenance.get("calibration", {}).get("prior")
+    if prior is not None and labels.min() != labels.max():  # the share the probabilities refer to
+        report["ece_at_calibration_prior"] = {
+            "prior": prior, "ece": expected_calibration_error(labels, probs, prior=prior)}
     curves = {"clean": (labels, probs)}
     for i, (kind, strength) in enumerate((perturbations or {}).items()):
-        p = sigmoid(predict_logits(model, perturb(crops, kind, strength, seed + i), batch_size,
-                                   device) / t)
+        p = calibrated_probability(predict_logits(model, perturb(crops, kind, strength, seed + i),
+                                                  batch_size, device), t, b)
         res = _levels(labels, p, videos, thr)
         res["by_dataset"] = by_dataset(rows, labels, p, thr, dataset)
         report["robustness"][kind] = {"strength": strength, **res, "delta": _delta(report["clean"], res)}

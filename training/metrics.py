@@ -9,6 +9,7 @@ the two ROC points that bracket it.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Optional
 
 import numpy as np
 
@@ -79,16 +80,32 @@ def binary_metrics(labels, probs, threshold: float = 0.5) -> dict:
     return out
 
 
-def expected_calibration_error(labels, probs, bins: int = 15) -> float:
+def class_weights(labels, prior: Optional[float] = None) -> np.ndarray:
+    """Per-sample weights summing to 1 under which fakes make up `prior` of the data (reals
+    1 - prior); `None`: uniform, the data's own share."""
+    y = np.asarray(labels).ravel()
+    if prior is None:
+        return np.full(y.size, 1.0 / y.size)
+    n_fake = int(y.sum())
+    if n_fake in (0, y.size):
+        raise ValueError("re-weighting to a prior needs real and fake samples")
+    return np.where(y == 1, prior / n_fake, (1.0 - prior) / (y.size - n_fake))
+
+
+def expected_calibration_error(labels, probs, bins: int = 15, prior: Optional[float] = None) -> float:
     """Binary ECE: bins of equal width over the fake probability; sum over bins of
-    (bin size / n) * |mean predicted probability - fraction of fakes|."""
+    (bin mass) * |mean predicted probability - fraction of fakes|. With `prior`, samples are
+    weighted so that fakes make up that share (see `class_weights`): the ECE that probabilities
+    calibrated for that share should be judged by, whatever the sample's own ratio."""
     y, p = _check(labels, probs)
+    w = class_weights(y, prior)
     idx = np.minimum((p * bins).astype(np.int64), bins - 1)
     total = 0.0
     for b in range(bins):
         sel = idx == b
         if sel.any():
-            total += sel.mean() * abs(p[sel].mean() - y[sel].mean())
+            m = w[sel].sum()
+            total += m * abs(np.dot(w[sel], p[sel]) / m - np.dot(w[sel], y[sel]) / m)
     return float(total)
 
 

@@ -22,7 +22,7 @@ def reliability_diagram(labels, before, after, path: Path, bins: int = 15) -> Pa
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
-    for probs, name in ((before, "before (T=1)"), (after, "after temperature scaling")):
+    for probs, name in ((before, "before (T=1)"), (after, "after calibration")):
         centres, frac, _ = reliability(labels, probs, bins)
         ax.plot(centres, frac, "o-", label=name)
     ax.set(xlabel="predicted fake probability", ylabel="fraction fake", xlim=(0, 1), ylim=(0, 1),

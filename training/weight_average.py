@@ -48,6 +48,6 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> tuple[Path,
         "checkpoints": [{"path": str(p), "sha256": file_digest(p),
                          "metrics": m.provenance.get("metrics")} for p, m in zip(paths, metas)],
     }
-    meta = replace(metas[0], temperature=1.0, threshold=0.5, calibrated=False,
+    meta = replace(metas[0], temperature=1.0, logit_bias=0.0, threshold=0.5, calibrated=False,
                    trained=all(m.trained for m in metas), provenance=provenance)
     return save_checkpoint(out, model, meta), meta
