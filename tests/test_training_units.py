@@ -109,6 +109,14 @@ def test_platt_fit_recovers_scale_and_offset_and_removes_the_split_prior():
     assert t == pytest.approx(3.0, rel=0.05) and b == pytest.approx(1.0, abs=0.08)
     t, b = fit_calibration(z, labels, "temperature", prior=0.5)
     assert b == 0.0
+    # Reference: scikit-learn's unpenalised logistic regression on the logit, balanced weights.
+    from sklearn.linear_model import LogisticRegression
+
+    ref = LogisticRegression(C=np.inf, class_weight="balanced", tol=1e-10, max_iter=1000)
+    ref.fit(z[:, None], labels)
+    t, b = fit_calibration(z, labels, "platt", prior=0.5)
+    assert 1 / t == pytest.approx(ref.coef_[0, 0], rel=1e-4)
+    assert b == pytest.approx(ref.intercept_[0], abs=1e-4)
     with pytest.raises(ValueError, match="unknown calibration method"):
         fit_calibration(z, labels, "isotonic")
 

@@ -29,12 +29,11 @@ import numpy as np
 import torch
 
 from pel_model.checkpoint import load_checkpoint, save_checkpoint
+from pel_model.scorer import calibrated_probability
 
 from .data import eval_arrays, manifest, read_index
 from .metrics import binary_metrics, class_weights, expected_calibration_error
 from .plots import reliability_diagram
-from pel_model.scorer import calibrated_probability
-
 from .scoring import predict_logits, sigmoid
 
 log = logging.getLogger(__name__)
