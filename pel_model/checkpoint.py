@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,10 @@ class CheckpointMeta:
         if version != FORMAT_VERSION:
             raise CheckpointError(f"unsupported checkpoint format version {version!r} "
                                   f"(this code reads version {FORMAT_VERSION})")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:  # e.g. a calibration term this code would silently ignore
+            raise CheckpointError(f"checkpoint metadata has fields this code does not know: "
+                                  f"{sorted(unknown)} (written by a newer pel-moderation?)")
         d["model"] = ModelConfig.model_validate(d["model"])
         return cls(**d)
 

@@ -1,4 +1,5 @@
 """The PEL network: placement, shapes, training signal, input contract, checkpoints."""
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -131,6 +132,11 @@ def test_checkpoint_errors(tmp_path):
               metadata={"pel": '{"format_version": 9}'})
     with pytest.raises(CheckpointError, match="format version"):
         read_meta(tmp_path / "v9.safetensors")
+    newer = json.loads(CheckpointMeta().to_json()) | {"logit_scale_2": 1.0}  # a field from the future
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "newer.safetensors"),
+              metadata={"pel": json.dumps(newer)})
+    with pytest.raises(CheckpointError, match="does not know.*logit_scale_2"):
+        read_meta(tmp_path / "newer.safetensors")
 
 
 def test_backbone_weights_from_a_local_file_load_into_both_streams(tmp_path):

@@ -109,7 +109,7 @@ def _calibrate_evaluate_serve(tmp: Path, best: Path, prepared: Path, eval_split:
     assert set(report["robustness"]) == set(perturbations)
     assert saved["logit_bias"] == pytest.approx(cal.logit_bias)
     if saved["clean"]["frame"]["n_real"] and saved["clean"]["frame"]["n_fake"]:
-        assert saved["ece_at_calibration_prior"]["prior"] == 0.5
+        assert saved["ece_at_prior"]["prior"] == 0.5 and 0 <= saved["ece_at_prior"]["ece"] <= 1
     for d in report["robustness"].values():
         assert d["delta"]["frame"]["auc"] == pytest.approx(d["frame"]["auc"] - saved["clean"]["frame"]["auc"])
     assert (tmp / "eval" / "roc.png").stat().st_size > 1000

@@ -337,6 +337,10 @@ def test_evaluate_the_untrained_baseline_with_per_item_scores_and_per_dataset_fi
     with open(report["scores_csv"]) as f:
         scored = list(csv.DictReader(f))
     assert len(scored) == 12 and {r["verdict"] for r in scored} <= {"real", "fake"}
+    from training.metrics import expected_calibration_error  # 8 real, 4 fake, weighted to 50/50
+    assert report["ece_at_prior"]["prior"] == 0.5 and report["ece_at_prior"]["ece"] == pytest.approx(
+        expected_calibration_error([r["label"] == "fake" for r in scored],
+                                   [float(r["fake_probability"]) for r in scored], prior=0.5), abs=1e-5)
     with open(report["videos_csv"]) as f:
         videos = list(csv.DictReader(f))
     assert len(videos) == 6 and all(v["frames"] == "2" for v in videos)
@@ -356,6 +360,7 @@ def test_calibrate_cli_fits_platt_for_a_balanced_prior_by_default_and_temperatur
     from model_utils import face_batch, small_model
     from pel_model.checkpoint import CheckpointMeta, read_meta, save_checkpoint
     from pel_model.cli import main
+    from training.evaluate import calibration_prior
 
     cfg = ModelConfig(backbone="efficientnet_b0", input_size=64, pretrained=False)
     (tmp_path / "crops").mkdir()
@@ -386,6 +391,12 @@ def test_calibrate_cli_fits_platt_for_a_balanced_prior_by_default_and_temperatur
     assert out["platt"]["logit_bias"] != 0.0
     assert out["temperature"]["prior"] is None and out["temperature"]["logit_bias"] == 0.0
     assert out["temperature"]["ece_at_prior"] is None
+    # evaluate's ece_at_prior: the stated prior, else the calibration split's share of fakes
+    cal = read_meta(tmp_path / "temperature.safetensors").provenance["calibration"]
+    assert calibration_prior(read_meta(tmp_path / "temperature.safetensors")) == pytest.approx(
+        1 - cal["n_real"] / cal["n"]) and cal["n_real"] < cal["n"]
+    assert calibration_prior(read_meta(tmp_path / "platt.safetensors")) == 0.5
+    assert calibration_prior(CheckpointMeta()) == 0.5
     with pytest.raises(SystemExit):
         main(["calibrate", str(ckpt), "--data", str(tmp_path), "--method", "isotonic"])
     capsys.readouterr()

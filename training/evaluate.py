@@ -178,6 +178,17 @@ def write_scores(out_dir: Path, rows: list[dict], labels: np.ndarray, probs: np.
     return crops_csv, videos_csv
 
 
+def calibration_prior(meta: CheckpointMeta) -> float:
+    """The share of fakes a checkpoint's probabilities refer to: the stated prior of its
+    calibration, else (`--prior split`) its calibration split's share, else 0.5."""
+    cal = meta.provenance.get("calibration", {})
+    if cal.get("prior") is not None:
+        return float(cal["prior"])
+    if cal.get("n"):
+        return 1.0 - cal["n_real"] / cal["n"]
+    return 0.5
+
+
 def evaluate(checkpoint: Optional[Path], prepared: Path, out_dir: Path, split: str = "test",
              perturbations: Optional[dict[str, float]] = None, batch_size: int = 64,
              seed: int = 0, device: str = "cpu", int8_calibration: Optional[Path] = None,
@@ -215,10 +226,10 @@ def evaluate(checkpoint: Optional[Path], prepared: Path, out_dir: Path, split: s
               "ece": expected_calibration_error(labels, probs),
               "ece_uncalibrated": expected_calibration_error(labels, sigmoid(logits)),
               "by_dataset": by_dataset(rows, labels, probs, thr, dataset), "robustness": {}}
-    prior = meta.provenance.get("calibration", {}).get("prior")
-    if prior is not None and labels.min() != labels.max():  # the share the probabilities refer to
-        report["ece_at_calibration_prior"] = {
-            "prior": prior, "ece": expected_calibration_error(labels, probs, prior=prior)}
+    if labels.min() != labels.max():  # weighted to the share of fakes the probabilities mean
+        prior = calibration_prior(meta)
+        report["ece_at_prior"] = {"prior": prior, "ece": expected_calibration_error(
+            labels, probs, prior=prior)}
     curves = {"clean": (labels, probs)}
     for i, (kind, strength) in enumerate((perturbations or {}).items()):
         p = calibrated_probability(predict_logits(model, perturb(crops, kind, strength, seed + i),
