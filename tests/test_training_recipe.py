@@ -247,7 +247,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "training" / "recipes"
 
 @pytest.mark.parametrize("name", ["cpu-lite0-224", "cpu-lite0-224-stage2", "cpu-lite0-224-stage3",
                                   "cpu-lite0-224-stage4-median", "cpu-lite0-224-stage5-noise",
-                                  "gpu-lite2-320"])
+                                  "cpu-lite0-224-stage6-unfrozen", "gpu-lite2-320"])
 def test_recipes_validate_and_name_backbones_with_offline_weights(name):
     from pel_model.weights import PACKAGED
     from training.cli import load_train_config
@@ -274,6 +274,12 @@ def test_recipes_validate_and_name_backbones_with_offline_weights(name):
         assert cfg.init_checkpoint == fourth.storage_path / fourth.run_name / "best.safetensors"
         assert cfg.augmentation.gaussian_noise > fourth.augmentation.gaussian_noise
         assert cfg.seed != fourth.seed
+    if name.endswith("unfrozen"):  # stage 5's network, data and augmentation, one stage fewer frozen
+        fifth = load_train_config(str(RECIPES / "cpu-lite0-224-stage5-noise.yaml"))
+        assert cfg.model == fifth.model and cfg.sources == fifth.sources
+        assert cfg.augmentation == fifth.augmentation and cfg.seed != fifth.seed
+        assert cfg.init_checkpoint == fifth.storage_path / fifth.run_name / "best.safetensors"
+        assert cfg.frozen_stages == fifth.frozen_stages - 1
 
 
 def test_prepare_from_a_config_with_several_sources(tmp_path, capsys):
