@@ -366,7 +366,7 @@ def test_calibrate_cli_fits_platt_for_a_balanced_prior_by_default_and_temperatur
     from model_utils import face_batch, small_model
     from pel_model.checkpoint import CheckpointMeta, read_meta, save_checkpoint
     from pel_model.cli import main
-    from training.evaluate import calibration_prior
+    from training.calibrate import calibration_prior
 
     cfg = ModelConfig(backbone="efficientnet_b0", input_size=64, pretrained=False)
     (tmp_path / "crops").mkdir()

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pel_model.checkpoint import load_checkpoint, save_checkpoint
+from pel_model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from pel_model.scorer import calibrated_probability
 
 from .data import eval_arrays, manifest, read_index
@@ -165,3 +165,14 @@ def calibrate(checkpoint: Path, prepared: Path, split: str = "val", target_fpr: 
         "method": method, "prior": prior, "T": temperature, "b": bias, "threshold": threshold,
         "ece_before": ece_before, "ece_after": ece_after, "ece_at_prior": ece_at_prior}))
     return result
+
+
+def calibration_prior(meta: CheckpointMeta) -> float:
+    """The share of fakes a checkpoint's probabilities refer to: the stated prior of its
+    calibration, else (`--prior split`) its calibration split's share, else 0.5."""
+    cal = meta.provenance.get("calibration", {})
+    if cal.get("prior") is not None:
+        return float(cal["prior"])
+    if cal.get("n"):
+        return 1.0 - cal["n_real"] / cal["n"]
+    return 0.5

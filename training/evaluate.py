@@ -26,6 +26,7 @@ from pel_model.pel import PEL
 from pel_model.scorer import calibrated_probability
 
 from . import augment as A
+from .calibrate import calibration_prior
 from .data import eval_arrays, manifest, read_index
 from .metrics import auc, binary_metrics, expected_calibration_error, video_level
 from .plots import roc_plot, score_histogram
@@ -176,17 +177,6 @@ def write_scores(out_dir: Path, rows: list[dict], labels: np.ndarray, probs: np.
             w.writerow([v, "fake" if y else "real", frames[v], f"{p:.6f}",
                         "fake" if p >= threshold else "real"])
     return crops_csv, videos_csv
-
-
-def calibration_prior(meta: CheckpointMeta) -> float:
-    """The share of fakes a checkpoint's probabilities refer to: the stated prior of its
-    calibration, else (`--prior split`) its calibration split's share, else 0.5."""
-    cal = meta.provenance.get("calibration", {})
-    if cal.get("prior") is not None:
-        return float(cal["prior"])
-    if cal.get("n"):
-        return 1.0 - cal["n_real"] / cal["n"]
-    return 0.5
 
 
 def evaluate(checkpoint: Optional[Path], prepared: Path, out_dir: Path, split: str = "test",
