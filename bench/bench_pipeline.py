@@ -17,10 +17,11 @@ same clips (H.264, two real face photos per frame) and the same sampling (2 fram
    - start-up of the detector replica with its ONNX export cached, and peak resident memory
      (VmHWM) of the replica and of each stream worker process.
 2. bare model: the replica's ONNX graph in ONNX Runtime alone, at the replica's model batch,
-   on all cores and on the replica's thread budget;
+   on all cores (one call on every core, and one single-threaded call per core at once: the
+   better of the two counts) and on one replica call's thread budget;
 3. naive loop: decode every frame to RGB, keep frames at the same rate, detect faces, score one
    face at a time with PyTorch eager.
-Pipeline efficiency = (1, throughput) / (2, all cores); speed-up = (1, throughput) / (3).
+Pipeline efficiency = (1, throughput) / (2, best on all cores); speed-up = (1, throughput) / (3).
 """
 from __future__ import annotations
 
@@ -186,7 +187,8 @@ def run_stack(args_dict: dict, burst: list[Path], live: dict[int, list[Path]],
         scaling = [run_live(clips) for _, clips in sorted(live.items())]
         faces_curve = [dict(run(files([path])), faces_per_frame=k) for k, path in sorted(per_face.items())]
         return {"app_start_s": app_start_s, "replica_start_s": info["started_s"],
-                "model_batch": info["model_batch"], "backend": info["backend"],
+                "model_batch": info["model_batch"], "model_runs": info.get("model_runs", 1),
+                "backend": info["backend"],
                 "idle_busy_cores": idle_cores, "throughput": throughput, "scaling": scaling,
                 "faces_per_frame": faces_curve,
                 "replica_peak_rss_mb": memory_mb("PELDetector"),
@@ -198,15 +200,28 @@ def run_stack(args_dict: dict, burst: list[Path], live: dict[int, list[Path]],
 
 
 def run_bare(onnx_path: Path, input_size: int, batch: int, budget: int, repeats: int = 7) -> dict:
+    """The model alone, interleaved: one call on every core; one call on a replica call's thread
+    budget; and one single-threaded call per core at once (the replica's `cpu_runs` way of using
+    the cores). The best all-core variant is the bare model of the efficiency ratio."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from bench.common import face_crops
     from pel_model.backends import OnnxRuntimeBackend
     crops = face_crops(batch, input_size)
+    cores = os.cpu_count() or 1
+    one_thread = OnnxRuntimeBackend(onnx_path, input_size, threads=1)
+    pool = ThreadPoolExecutor(cores)
     variants = {"all_cores": OnnxRuntimeBackend(onnx_path, input_size),
                 "replica_budget": OnnxRuntimeBackend(onnx_path, input_size, threads=budget)}
-    timings = time_interleaved({k: (lambda b=b: b.logits(crops)) for k, b in variants.items()},
-                               warmup=2, repeats=repeats)
-    return {k: {"batch": batch, "seconds_per_batch": t.median, "faces_per_s": batch / t.median,
-                **t.as_dict()} for k, t in timings.items()} | {"replica_threads": budget}
+    calls = {k: (lambda b=b: b.logits(crops)) for k, b in variants.items()}
+    calls["calls_per_core"] = lambda: list(pool.map(lambda _: one_thread.logits(crops), range(cores)))
+    timings = time_interleaved(calls, warmup=2, repeats=repeats)
+    pool.shutdown()
+    faces = {"all_cores": batch, "replica_budget": batch, "calls_per_core": batch * cores}
+    out = {k: {"batch": batch, "seconds_per_batch": t.median, "faces_per_s": faces[k] / t.median,
+               **t.as_dict()} for k, t in timings.items()}
+    best = max(("all_cores", "calls_per_core"), key=lambda k: out[k]["faces_per_s"])
+    return out | {"replica_threads": budget, "cores": cores, "best_all_cores": best}
 
 
 def run_naive(checkpoint: str, face_cfg, clips: list[Path]) -> dict:
@@ -254,16 +269,18 @@ def render(r: dict) -> str:
     out.append(markdown_table(rows, [("k", "faces per frame"), ("fps", "faces/s"),
                                      ("ms", "wall ms per frame"), ("cpu", "busy CPU ms per frame")]))
     out.append(f"detector replica: ready {s['replica_start_s']:.1f} s after its constructor started "
-               f"(whole app {s['app_start_s']:.1f} s), model batch {s['model_batch']}, {s['backend']}; "
+               f"(whole app {s['app_start_s']:.1f} s), model batch {s['model_batch']} x {s.get('model_runs', 1)} "
+               f"call(s) at once, {s['backend']}; "
                f"peak RSS {max(s['replica_peak_rss_mb'], default=0):.0f} MB; stream workers peak RSS "
                f"{', '.join(f'{v:.0f}' for v in s['worker_peak_rss_mb'])} MB ({s['streams_per_worker']} streams each; "
                f"{', '.join(f'{v:.0f}' for v in s.get('worker_ready_rss_mb', []))} MB when ready, before any job)")
     if "bare_model" in r:
         b, n = r["bare_model"], r["naive_loop"]
         out.append(f"bare model, batch {b['all_cores']['batch']}: {b['all_cores']['faces_per_s']:.2f} "
-                   f"faces/s on all cores, {b['replica_budget']['faces_per_s']:.2f} on "
+                   f"faces/s on all cores in one call, {b['calls_per_core']['faces_per_s']:.2f} with "
+                   f"{b['cores']} one-thread calls at once, {b['replica_budget']['faces_per_s']:.2f} on "
                    f"{b['replica_threads']} thread(s); naive loop {n['faces_per_s']:.2f} faces/s")
-        out.append(f"pipeline efficiency (stack throughput / bare model, all cores): "
+        out.append(f"pipeline efficiency (stack throughput / bare model, best on all cores): "
                    f"{r['pipeline_efficiency']:.2f}; speed-up over the naive loop: {r['speedup_vs_naive']:.2f}x")
     return "\n\n".join(out)
 
@@ -310,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         result["bare_model"] = run_bare(onnx, input_size, stack["model_batch"], cpu_threads(cfg.detector))
         result["naive_loop"] = run_naive(checkpoint, cfg.faces, burst[:2])
         best = stack["throughput"]["faces_per_s"]
-        result["pipeline_efficiency"] = best / result["bare_model"]["all_cores"]["faces_per_s"]
+        bare = result["bare_model"]
+        result["pipeline_efficiency"] = best / bare[bare["best_all_cores"]]["faces_per_s"]
         result["speedup_vs_naive"] = best / result["naive_loop"]["faces_per_s"]
     print(render(result))
     if a.out:

@@ -7,14 +7,15 @@ roofline applies) or by memory traffic (depthwise convolutions, element-wise ops
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from pel_model.config import DetectorConfig
+from pel_model.scorer import onnx_artifact
 
 
 def conv_kind(node, inits) -> str:
@@ -39,12 +40,16 @@ def main() -> None:
     from onnx import shape_inference
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--onnx", help="default: the service's cached export of the shipped model")
+    p.add_argument("--onnx", help="default: the service's cached export of the shipped model "
+                                  "(`pel export --for-service` writes it)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    path = args.onnx or sorted(glob.glob(os.path.expanduser("~/.cache/pel-moderation/*.onnx")))[0]
+    path = Path(args.onnx) if args.onnx else onnx_artifact(DetectorConfig())
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: run `pel export --for-service` (or pass --onnx)")
+    path = str(path)
     model = onnx.load(path)
     size = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value or 224
     inferred = shape_inference.infer_shapes(model)

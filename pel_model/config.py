@@ -266,10 +266,14 @@ class DetectorConfig(_Strict):
     max_batch_size: int = Field(32, ge=1)  # faces merged from concurrent requests per model call
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
-    # CPU profile (a replica without a GPU): faces per model call (per-face speed is flat beyond
-    # ~8 on CPU while activation memory grows with the batch) and ONNX Runtime intra-op threads
-    # (null: num_cpus rounded up; see pel_model.scorer.cpu_threads).
-    cpu_batch_size: int = Field(8, ge=1)
+    # CPU profile (a replica without a GPU): faces per model call (per-face speed is nearly flat
+    # from 4 on CPU while activation memory grows with the batch), model calls run at once (a merged
+    # batch is split between them: independent calls use the cores that decoding and face
+    # detection leave idle without the per-operator waits of one multi-threaded call), and ONNX
+    # Runtime intra-op threads per call (null: num_cpus / cpu_runs rounded up, at least 1; see
+    # pel_model.scorer.cpu_threads and docs/benchmarks.md).
+    cpu_batch_size: int = Field(4, ge=1)
+    cpu_runs: int = Field(2, ge=1)
     threads: Optional[int] = Field(None, ge=1)
     artifacts_dir: Path = Path("~/.cache/pel-moderation")
     threshold: Optional[float] = Field(None, gt=0, lt=1)  # overrides the checkpoint's

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 INPUT_NAME, OUTPUT_NAME = "crops", "logits"
+# Part of the service's cache name: bumped when the same weights export to a different graph
+# (2: the column-sort median), so a cached export of an older graph is not served.
+GRAPH_VERSION = 2
 
 
 def export_onnx(model: "PEL", path: str | Path, opset: int = 18, example_batch: int = 2) -> Path:

@@ -19,6 +19,7 @@ from scipy.special import expit
 from .backends import Backend, create_backend, default_device
 from .checkpoint import CheckpointMeta, file_digest, load_checkpoint, read_meta
 from .config import DEFAULT_CHECKPOINT, DetectorConfig, ModelConfig
+from .export import GRAPH_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +51,21 @@ class Scorer:
 def onnx_artifact(cfg: DetectorConfig, checkpoint_digest: str | None = None) -> Path:
     """Where the service caches the ONNX export of the configured model (TensorRT engines go to
     `tensorrt/` beside it): keyed by the checkpoint's digest (pass it when already known), or
-    for an untrained model by its config and library versions."""
+    for an untrained model by its config and library versions, and by the exported graph's version."""
     artifacts = Path(cfg.artifacts_dir).expanduser()
     if cfg.checkpoint is not None:
-        return artifacts / f"pel-{checkpoint_digest or file_digest(cfg.checkpoint)}.onnx"
-    key = f"{cfg.model.model_dump_json()}|{version('torch')}|{version('timm')}"
+        digest = checkpoint_digest or file_digest(cfg.checkpoint)
+        return artifacts / f"pel-{digest}-g{GRAPH_VERSION}.onnx"
+    key = f"{cfg.model.model_dump_json()}|{version('torch')}|{version('timm')}|g{GRAPH_VERSION}"
     return artifacts / f"pel-untrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.onnx"
 
 
 def cpu_threads(cfg: DetectorConfig) -> int:
-    """The CPU profile's thread rule: ONNX Runtime gets the replica's own CPU budget
-    (`detector.threads`, else `num_cpus` rounded up), never every core of the node, so inference
-    does not fight the stream workers' decode and face-detection threads."""
-    return cfg.threads or max(1, math.ceil(cfg.num_cpus - 1e-9))
+    """The CPU profile's thread rule: each of a replica's `cpu_runs` concurrent model calls gets
+    an equal share of its CPU budget (`detector.threads`, else `num_cpus / cpu_runs` rounded up,
+    at least one thread), never every core of the node, so inference does not fight the stream
+    workers' decode and face-detection threads."""
+    return cfg.threads or max(1, math.ceil(cfg.num_cpus / cfg.cpu_runs - 1e-9))
 
 
 def untrained_network(model: ModelConfig):

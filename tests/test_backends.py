@@ -151,7 +151,7 @@ import json, sys
 import numpy as np
 from pel_model.config import DetectorConfig
 from pel_model.scorer import cpu_threads, load_scorer
-cfg = DetectorConfig(checkpoint={str(ckpt)!r}, artifacts_dir={str(art)!r}, num_cpus=1.5)
+cfg = DetectorConfig(checkpoint={str(ckpt)!r}, artifacts_dir={str(art)!r}, num_cpus=3.5)
 s = load_scorer(cfg)
 p = s.probabilities(np.zeros((2, 224, 224, 3), np.uint8))
 opts = s.backend.session.get_session_options()
@@ -174,5 +174,8 @@ def test_cpu_thread_rule():
 
     assert cpu_threads(DetectorConfig(num_cpus=0.5)) == 1
     assert cpu_threads(DetectorConfig(num_cpus=1.0)) == 1
-    assert cpu_threads(DetectorConfig(num_cpus=3.2)) == 4
+    assert cpu_threads(DetectorConfig(num_cpus=3.2)) == 2  # the budget split between 2 calls
+    assert cpu_threads(DetectorConfig(num_cpus=3.2, cpu_runs=1)) == 4
     assert cpu_threads(DetectorConfig(num_cpus=0.5, threads=3)) == 3
+    with pytest.raises(ValueError):
+        DetectorConfig(cpu_runs=0)

@@ -31,6 +31,7 @@ def test_quick_run_structure(result: dict) -> None:
     assert roof["torch_sgemm_gflops"] == max(roof["before"]["torch_sgemm_gflops"],
                                              roof["after"]["torch_sgemm_gflops"]) > 0
     assert roof["numpy_sgemm_gflops"] > 0
+    assert roof["sgemm_gflops"] == max(roof["torch_sgemm_gflops"], roof["numpy_sgemm_gflops"])
     (model,) = result["models"]
     assert model["backbone"] == "efficientnet_b0" and model["input_size"] == 96
     # Both backends run the same network: their logits agree.
@@ -44,7 +45,7 @@ def test_quick_run_structure(result: dict) -> None:
 
 
 def test_derived_rows_are_consistent(result: dict) -> None:
-    roof = result["roofline"]["torch_sgemm_gflops"]
+    roof = result["roofline"]["sgemm_gflops"]
     rows = result["rows"]
     assert [(r["config"], r["batch"]) for r in rows] == [("b0@96", 1), ("b0@96", 2)]
     for row in rows:
@@ -53,6 +54,10 @@ def test_derived_rows_are_consistent(result: dict) -> None:
             fps = row["batch"] / row[f"{key}_median_s"]
             assert math.isclose(row[f"{key}_faces_per_s"], fps)
             assert math.isclose(row[f"{key}_roofline_fraction"], fps * row["gflops_per_face"] / roof)
+        calls = next(b for b in result["models"][0]["batches"] if b["batch"] == row["batch"])
+        fps = calls["cores"] * row["batch"] / calls["ort_calls_per_core"]["median_s"]
+        assert math.isclose(row["ort_calls_faces_per_s"], fps)
+        assert math.isclose(row["ort_calls_roofline_fraction"], fps * row["gflops_per_face"] / roof)
     table = render(result)
     assert table.count("| b0@96 |") == 2
     assert all(header in table for _, header in TABLE_COLUMNS)
@@ -95,3 +100,24 @@ def test_stream_memory_bench_reports_every_variant(tmp_path) -> None:
         assert r["peak_mb"] >= r["base_mb"] > 50
         assert math.isclose(r["per_stream_mb"], (r["peak_mb"] - r["base_mb"]) / r["streams"])
     assert {r["malloc"] for r in rows} == {"glibc default", "mmap >= 1024 KiB"}
+
+
+def test_median_bench_compares_both_filters_on_the_models_own_shapes(tmp_path) -> None:
+    """`python -m bench.bench_median --quick`: every tensor the model filters, both medians, and
+    the whole model exported once per median with the same logits."""
+    from bench.bench_median import main as median_main
+
+    out = tmp_path / "median.json"
+    assert median_main(["--quick", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    # The input prefilter, then noise enhancement of both streams at stages 0 and 1.
+    assert [r["shape"] for r in result["layers"]] == [
+        "2x3x64x64", "2x16x32x32", "2x16x32x32", "2x24x16x16", "2x24x16x16"]
+    for row in result["layers"]:
+        for k in ("eager", "ort"):
+            assert row[f"{k}_speedup"] == pytest.approx(row[f"{k}_old_ms"] / row[f"{k}_new_ms"])
+    whole = result["model_onnxruntime"]
+    assert whole["max_abs_logit_diff"] < 1e-5 and whole["batch"] == 2
+    assert whole["speedup"] == pytest.approx(whole["new_faces_per_s"] / whole["old_faces_per_s"])
+    train = result["train_step_eager"]
+    assert train["speedup"] == pytest.approx(train["old_s"] / train["new_s"]) and train["new_s"] > 0

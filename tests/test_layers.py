@@ -44,12 +44,20 @@ def _median_reference(x):
     return patches.median(dim=2).values
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 9, 11), (1, 5, 1, 4), (1, 2, 3, 3)])
+@pytest.mark.parametrize("shape", [(2, 3, 9, 11), (1, 5, 1, 4), (1, 2, 3, 3), (1, 1, 2, 2), (2, 2, 7, 2)])
 def test_median_sorting_network_is_bit_exact_including_borders(shape):
     torch.manual_seed(1)
     x = torch.randn(shape)
     x[..., 0, 0] = x[..., 0, 1]  # ties
     assert torch.equal(median3x3(x), _median_reference(x))
+
+
+def test_median_is_exact_on_every_binary_window():
+    # Min/max networks commute with monotone maps (the 0-1 principle): exact on all 2^9 binary
+    # 3x3 windows means exact on every input. The centre pixel of each 3x3 image sees no padding.
+    bits = (torch.arange(512).unsqueeze(1) >> torch.arange(9)) & 1
+    x = bits.float().reshape(512, 1, 3, 3)
+    assert torch.equal(median3x3(x)[:, 0, 1, 1], (bits.sum(1) >= 5).float())
 
 
 def test_median_with_many_ties_and_integers():

@@ -83,9 +83,9 @@ def _calibrate_evaluate_serve(tmp: Path, best: Path, prepared: Path, eval_split:
                               perturbations: dict, export: bool) -> None:
     import torch
 
-    from pel_model.checkpoint import file_digest, load_checkpoint
+    from pel_model.checkpoint import load_checkpoint
     from pel_model.export import export_onnx
-    from pel_model.scorer import load_scorer
+    from pel_model.scorer import load_scorer, onnx_artifact
     from training.calibrate import calibrate
     from training.data import load_crops, read_index
     from training.evaluate import evaluate
@@ -131,7 +131,7 @@ def _calibrate_evaluate_serve(tmp: Path, best: Path, prepared: Path, eval_split:
     art = tmp / "artifacts"
     model, _ = load_checkpoint(cal.checkpoint)
     if export:
-        onnx = export_onnx(model, art / f"pel-{file_digest(cal.checkpoint)}.onnx")
+        onnx = export_onnx(model, onnx_artifact(DetectorConfig(checkpoint=cal.checkpoint, artifacts_dir=art)))
         assert onnx.exists()
     scorer = load_scorer(DetectorConfig(checkpoint=cal.checkpoint, artifacts_dir=art,
                                         backend="onnxruntime" if export else "torch"), device="cpu")
