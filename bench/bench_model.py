@@ -124,13 +124,12 @@ def bench_model(cfg: ModelConfig, batches: Sequence[int], warmup: int, repeats: 
             calls = {name: (lambda b=b: b.logits(crops)) for name, b in backends.items()}
             timings = time_interleaved(calls, warmup=warmup, repeats=repeats)
             # One single-threaded call per core at once (a CPU replica's `cpu_runs`; `cores`
-            # batches per timed call), interleaved with ORT alone: after an eager call, torch's
-            # idle OpenMP threads still hold the cores for a while.
-            ort_calls = time_interleaved(
-                {"onnxruntime": calls["onnxruntime"],
-                 "ort_calls_per_core": lambda: list(pool.map(lambda _: one_thread.logits(crops), range(cores)))},
+            # batches per timed call), timed on its own: after a call, the all-core session's
+            # pool threads spin for a while and would take the cores from the calls after it.
+            time.sleep(1.0)
+            timings |= time_interleaved(
+                {"ort_calls_per_core": lambda: list(pool.map(lambda _: one_thread.logits(crops), range(cores)))},
                 warmup=warmup, repeats=repeats)
-            timings["ort_calls_per_core"] = ort_calls["ort_calls_per_core"]
             per_batch.append({"batch": batch, "cores": cores,
                               **{name: t.as_dict() for name, t in timings.items()}})
             log(f"{label} batch {batch}: eager {timings['torch'].median:.3f} s, "
