@@ -214,6 +214,8 @@ def run_bare(onnx_path: Path, input_size: int, batch: int, budget: int, repeats:
     variants = {"all_cores": OnnxRuntimeBackend(onnx_path, input_size),
                 "replica_budget": OnnxRuntimeBackend(onnx_path, input_size, threads=budget)}
     calls = {k: (lambda b=b: b.logits(crops)) for k, b in variants.items()}
+    # Keep this last: the rotation then never times it right after "all_cores", whose pool
+    # threads spin for a while after each call (docs/benchmarks.md, the roofline section).
     calls["calls_per_core"] = lambda: list(pool.map(lambda _: one_thread.logits(crops), range(cores)))
     timings = time_interleaved(calls, warmup=2, repeats=repeats)
     pool.shutdown()
