@@ -21,7 +21,6 @@ import re
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,7 +33,7 @@ from pel_model.export import export_onnx
 from pel_model.pel import PEL
 
 from .common import (count_flops, face_crops, machine_info, markdown_table, numpy_gemm_gflops,
-                     time_interleaved, torch_gemm_gflops)
+                     time_calls_per_core, time_interleaved, torch_gemm_gflops)
 
 DEFAULT_CONFIGS = ("b4@320", "b0@224")
 DEFAULT_BATCHES = (1, 8, 32)
@@ -118,23 +117,19 @@ def bench_model(cfg: ModelConfig, batches: Sequence[int], warmup: int, repeats: 
     probe = face_crops(2, cfg.input_size, seed=1)
     logit_diff = float(np.max(np.abs(backends["torch"].logits(probe) - backends["onnxruntime"].logits(probe))))
     per_batch = []
-    with ThreadPoolExecutor(cores) as pool:
-        for batch in batches:
-            crops = face_crops(batch, cfg.input_size, seed=batch)
-            calls = {name: (lambda b=b: b.logits(crops)) for name, b in backends.items()}
-            timings = time_interleaved(calls, warmup=warmup, repeats=repeats)
-            # One single-threaded call per core at once (a CPU replica's `cpu_runs`; `cores`
-            # batches per timed call), timed on its own: after a call, the all-core session's
-            # pool threads spin for a while and would take the cores from the calls after it.
-            time.sleep(1.0)
-            timings |= time_interleaved(
-                {"ort_calls_per_core": lambda: list(pool.map(lambda _: one_thread.logits(crops), range(cores)))},
-                warmup=warmup, repeats=repeats)
-            per_batch.append({"batch": batch, "cores": cores,
-                              **{name: t.as_dict() for name, t in timings.items()}})
-            log(f"{label} batch {batch}: eager {timings['torch'].median:.3f} s, "
-                f"ORT {timings['onnxruntime'].median:.3f} s, {cores} one-thread ORT calls "
-                f"{timings['ort_calls_per_core'].median:.3f} s (median of {repeats})")
+    for batch in batches:
+        crops = face_crops(batch, cfg.input_size, seed=batch)
+        calls = {name: (lambda b=b: b.logits(crops)) for name, b in backends.items()}
+        timings = time_interleaved(calls, warmup=warmup, repeats=repeats)
+        # one single-threaded call per core at once (a CPU replica's `cpu_runs`; `cores`
+        # batches per timed call)
+        timings["ort_calls_per_core"] = time_calls_per_core(lambda: one_thread.logits(crops), cores,
+                                                            warmup=warmup, repeats=repeats)
+        per_batch.append({"batch": batch, "cores": cores,
+                          **{name: t.as_dict() for name, t in timings.items()}})
+        log(f"{label} batch {batch}: eager {timings['torch'].median:.3f} s, "
+            f"ORT {timings['onnxruntime'].median:.3f} s, {cores} one-thread ORT calls "
+            f"{timings['ort_calls_per_core'].median:.3f} s (median of {repeats})")
     return {"config": label, "backbone": cfg.backbone, "input_size": cfg.input_size,
             "gflops_per_face": flops, "onnx_export_s": export_s,
             "max_abs_logit_diff": logit_diff, "batches": per_batch}

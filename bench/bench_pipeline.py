@@ -200,25 +200,21 @@ def run_stack(args_dict: dict, burst: list[Path], live: dict[int, list[Path]],
 
 
 def run_bare(onnx_path: Path, input_size: int, batch: int, budget: int, repeats: int = 7) -> dict:
-    """The model alone, interleaved: one call on every core; one call on a replica call's thread
-    budget; and one single-threaded call per core at once (the replica's `cpu_runs` way of using
-    the cores). The best all-core variant is the bare model of the efficiency ratio."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from bench.common import face_crops
+    """The model alone: one call on every core and one call on a replica call's thread budget,
+    interleaved; then one single-threaded call per core at once (the replica's `cpu_runs` way of
+    using the cores), on its own. The better all-core variant is the bare model of the
+    efficiency ratio."""
+    from bench.common import face_crops, time_calls_per_core
     from pel_model.backends import OnnxRuntimeBackend
     crops = face_crops(batch, input_size)
     cores = os.cpu_count() or 1
-    one_thread = OnnxRuntimeBackend(onnx_path, input_size, threads=1)
-    pool = ThreadPoolExecutor(cores)
     variants = {"all_cores": OnnxRuntimeBackend(onnx_path, input_size),
                 "replica_budget": OnnxRuntimeBackend(onnx_path, input_size, threads=budget)}
-    calls = {k: (lambda b=b: b.logits(crops)) for k, b in variants.items()}
-    # Keep this last: the rotation then never times it right after "all_cores", whose pool
-    # threads spin for a while after each call (docs/benchmarks.md, the roofline section).
-    calls["calls_per_core"] = lambda: list(pool.map(lambda _: one_thread.logits(crops), range(cores)))
-    timings = time_interleaved(calls, warmup=2, repeats=repeats)
-    pool.shutdown()
+    timings = time_interleaved({k: (lambda b=b: b.logits(crops)) for k, b in variants.items()},
+                               warmup=2, repeats=repeats)
+    one_thread = OnnxRuntimeBackend(onnx_path, input_size, threads=1)
+    timings["calls_per_core"] = time_calls_per_core(lambda: one_thread.logits(crops), cores,
+                                                    warmup=2, repeats=repeats)
     faces = {"all_cores": batch, "replica_budget": batch, "calls_per_core": batch * cores}
     out = {k: {"batch": batch, "seconds_per_batch": t.median, "faces_per_s": faces[k] / t.median,
                **t.as_dict()} for k, t in timings.items()}

@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -70,6 +71,24 @@ def time_interleaved(variants: Mapping[str, Callable[[], object]], warmup: int =
             variants[name]()
             seconds[name].append(time.perf_counter() - start)
     return {name: Timing(tuple(s)) for name, s in seconds.items()}
+
+
+def time_calls_per_core(call: Callable[[], object], cores: int, warmup: int = 1, repeats: int = 3,
+                        settle_s: float = 1.0) -> Timing:
+    """Time `cores` concurrent runs of `call` (one single-threaded model call per core, as a CPU
+    replica with `cpu_runs` calls at once uses them), on their own after `settle_s` of quiet.
+
+    Never interleave this with an all-core ONNX Runtime session: that session's pool threads spin
+    for a while after each of its calls and take the cores from whatever runs next
+    (docs/benchmarks.md, the roofline section).
+    """
+    if cores < 1:
+        raise ValueError(f"need cores >= 1, got {cores}")
+    time.sleep(settle_s)
+    with ThreadPoolExecutor(cores) as pool:
+        def at_once() -> list:
+            return list(pool.map(lambda _: call(), range(cores)))
+        return time_interleaved({"calls_per_core": at_once}, warmup=warmup, repeats=repeats)["calls_per_core"]
 
 
 def count_flops(module: torch.nn.Module, *inputs: Any) -> int:

@@ -121,3 +121,23 @@ def test_median_bench_compares_both_filters_on_the_models_own_shapes(tmp_path) -
     assert whole["speedup"] == pytest.approx(whole["new_faces_per_s"] / whole["old_faces_per_s"])
     train = result["train_step_eager"]
     assert train["speedup"] == pytest.approx(train["old_s"] / train["new_s"]) and train["new_s"] > 0
+
+
+def test_calls_per_core_run_at_once_and_are_all_counted() -> None:
+    import threading
+
+    from bench.common import time_calls_per_core
+    cores = 3
+    barrier = threading.Barrier(cores, timeout=10)  # breaks unless `cores` calls run at once
+    calls = []
+
+    def call() -> None:
+        barrier.wait()
+        calls.append(threading.get_ident())
+
+    timing = time_calls_per_core(call, cores, warmup=1, repeats=2, settle_s=0.0)
+    assert timing.runs == 2 and len(timing.seconds) == 2
+    assert len(calls) == cores * (1 + 2)
+    assert len(set(calls)) == cores
+    with pytest.raises(ValueError):
+        time_calls_per_core(call, 0)
