@@ -214,7 +214,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="Ray cluster address")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("average", help="uniform weight average (SWA) of checkpoints of one run")
+    p = sub.add_parser("average",
+                       help="uniform weight average (SWA) of checkpoints of one network")
     p.add_argument("checkpoints", nargs="+", help="two or more checkpoints, same architecture")
     p.add_argument("-o", "--output", required=True, help="averaged (uncalibrated) checkpoint")
     p.set_defaults(func=_average)

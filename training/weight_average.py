@@ -1,8 +1,9 @@
-"""Weight averaging of checkpoints from one training run (`pel average`).
+"""Weight averaging of checkpoints of one network (`pel average`).
 
-A uniform average of the weights of the last epochs of one run (Stochastic Weight Averaging,
-Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization", UAI 2018;
-a "uniform soup" in Wortsman et al., ICML 2022). It costs no training: the averaged file is
+A uniform average of the weights of a run's last epochs, or of runs fine-tuned one from another
+(e.g. a learning-rate restart from a run's best): Stochastic Weight Averaging (Izmailov et al.,
+"Averaging Weights Leads to Wider Optima and Better Generalization", UAI 2018), a "uniform soup"
+in Wortsman et al., ICML 2022. It costs no training: the averaged file is
 calibrated and evaluated like any checkpoint. BatchNorm running statistics are averaged too
 (SWA proper re-estimates them with a pass over the training data; that is not done here).
 """
