@@ -139,6 +139,9 @@ class IntakeConfig(_Strict):
 
     lease_seconds: float = Field(30.0, gt=0)
     max_attempts: int = Field(3, ge=1)
+    # A transient failure (unreachable, HTTP 5xx/408/429, stalled...) is retried after this
+    # many seconds, doubling per attempt, at most lease_seconds (0: at once).
+    retry_backoff_s: float = Field(5.0, ge=0)
     stream_workers: int = Field(2, ge=1)
     streams_per_worker: int = Field(2, ge=1)
     worker_num_cpus: float = Field(0.25, gt=0)  # Ray CPUs reserved per stream worker actor
@@ -194,6 +197,8 @@ class UrlPolicyConfig(_Strict):
     # "hls" enables the HLS playlist demuxer over http(s); local files are `allow_files` instead.
     allowed_schemes: tuple[str, ...] = ("http", "https", "rtmp", "rtsp", "hls")
     allowed_hosts: Optional[tuple[str, ...]] = None  # None: any public host; "*.x.com" subdomains
+    # Private addresses too; link-local and cloud metadata ones (169.254.169.254) stay refused
+    # unless allowed_networks names them.
     allow_private_addresses: bool = False
     # Networks reachable even though they are not public, e.g. ["10.20.0.0/16"] for a camera
     # VLAN: everything else non-public stays refused (at every hop: redirects, segments).

@@ -133,11 +133,15 @@ def test_unreachable_fails_fast(media_dir, server):
                                 (f"http://127.0.0.1:{free_port()}/a.mp4", LOOPBACK, "unreachable"),
                                 (f"rtmp://127.0.0.1:{free_port()}/live/s", LOOPBACK, "unreachable"),
                                 (str(media_dir / "missing.mp4"), files_policy(media_dir),
-                                 "unreachable")]:
+                                 "not_found")]:  # a missing file stays missing: final
         start = time.monotonic()
         with pytest.raises(StreamError) as info:
             decode(url, policy)
         assert info.value.reason == reason, url
+        assert info.value.transient == (reason == "unreachable"), url
+        if reason == "unreachable" and url.startswith("http:"):  # via the guard: no server replied
+            assert "cannot connect to 127.0.0.1" in str(info.value), str(info.value)
+            assert "5XX" not in str(info.value) and "Server Error" not in str(info.value)
         assert "Errno" not in str(info.value), url  # FFmpeg's error tags are not errnos
         assert time.monotonic() - start < 1.5, url
 

@@ -19,8 +19,10 @@ from workers.redis_server import (
 RCFG = RedisConfig(prefix="t")
 
 
-def make_queue(client, consumer: str, lease: float = 30.0, attempts: int = 3) -> JobQueue:
-    intake = IntakeConfig(lease_seconds=lease, max_attempts=attempts, poll_block_ms=10)
+def make_queue(client, consumer: str, lease: float = 30.0, attempts: int = 3,
+               backoff: float = 0.0) -> JobQueue:
+    intake = IntakeConfig(lease_seconds=lease, max_attempts=attempts, poll_block_ms=10,
+                          retry_backoff_s=backoff)
     return JobQueue(client, RCFG, intake, consumer)
 
 
@@ -217,6 +219,30 @@ def test_lease_thread_reports_loss(redis_client):
         assert lease.lost
 
 
+def test_dead_letter_tally_counts_each_new_entry_once_by_reason(redis_client):
+    """The Moderator's tally (`pel_dead_letters_total`): entries from before it started are
+    not counted, every later one once, across batches."""
+    from workers.dead_letter_tally import DeadLetterTally
+
+    q = make_queue(redis_client, "a", lease=0.3, attempts=1)
+    redis_client.lpush("t:jobs", "{old bad json")
+    assert drain(q) == []  # one dead letter before the tally starts
+    tally = DeadLetterTally(redis_client, q.keys.deadletter, batch=2)
+    assert tally.new_reasons() == []
+    redis_client.lpush("t:jobs", "{bad json")
+    q.push({"id": "dup", "url": "https://h/a.mp4"})
+    redis_client.lpush("t:jobs", json.dumps({"id": "dup", "url": "https://h/b.mp4"}))
+    first = drain(q)
+    q.fail(first[0], "corrupt: no video stream", retry=False)
+    q.push("https://h/crashy.mp4")
+    assert q.claim(block_ms=0) is not None
+    time.sleep(0.4)
+    assert q.claim(block_ms=0) is None  # its lease expired on its last attempt
+    assert sorted(tally.new_reasons()) == ["duplicate_id", "failed", "invalid_job",
+                                           "lease_expired"]
+    assert tally.new_reasons() == [] and len(q.dead_letters(10)) == 5
+
+
 def test_lease_expiry_max_attempts_dead_letters(redis_client):
     queues = [make_queue(redis_client, f"c{i}", lease=0.5, attempts=2) for i in range(3)]
     job_id = queues[0].push("https://h/crashy.mp4?key=k")
@@ -253,6 +279,32 @@ def test_explicit_failures_retry_then_dead_letter(redis_client):
     [dead] = b.dead_letters()
     assert dead["reason"] == "failed 3/3 attempts; last error: boom3" and dead["attempts"] == 3
     assert b.state(job_id)["state"] == "failed" and b.claim(block_ms=0) is None
+
+
+def test_failed_attempts_wait_a_doubling_backoff_before_redelivery(redis_client):
+    """A transient failure is not retried within milliseconds (a DNS blip, a 503 or a 429
+    would use up every attempt at once): the next attempt waits retry_backoff_s, then twice
+    that, never more than a lease."""
+    a, b = (make_queue(redis_client, c, lease=2.0, attempts=3, backoff=0.4) for c in "ab")
+    assert [a.retry_delay_s(n) for n in (1, 2, 3, 4)] == [0.4, 0.8, 1.6, 2.0]
+    job_id = a.push("https://h/flaky.mp4")
+    job = a.claim(block_ms=0)
+    for attempt, delay in ((1, 0.4), (2, 0.8)):
+        failed_at = time.time()
+        assert a.fail(job, f"unreachable {attempt}") is True
+        st = a.state(job_id)
+        assert st["state"] == "queued" and st["retry_at"] == pytest.approx(failed_at + delay, abs=0.1)
+        assert b.claim(block_ms=0) is None  # not yet
+        deadline = failed_at + delay + 2.0
+        while (job := b.claim(block_ms=20)) is None:
+            assert time.time() < deadline, "never redelivered"
+        waited = time.time() - failed_at
+        assert delay - 0.05 <= waited < delay + 0.5, (attempt, waited)
+        assert job.id == job_id and job.attempts == attempt + 1
+        assert "retry_at" not in a.state(job_id)  # running again
+        a, b = b, a
+    assert a.fail(job, "unreachable 3") is True  # out of attempts: dead letter, no wait
+    assert a.state(job_id)["state"] == "failed"
 
 
 def test_fail_without_retry_dead_letters_now(redis_client):

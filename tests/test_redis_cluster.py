@@ -109,7 +109,7 @@ def test_jobs_and_verdicts_on_a_three_node_cluster(cluster):
                                          "{pel}:verdicts", "{pel}:job:x:clips")} == {slot}
     assert client.keyslot("pel:jobs") != client.keyslot("pel:job:x")  # why the tag is needed
 
-    intake = IntakeConfig(max_attempts=2, poll_block_ms=10)
+    intake = IntakeConfig(max_attempts=2, poll_block_ms=10, retry_backoff_s=0)
     a = JobQueue(client, cfg, intake, "a")
     b = JobQueue(connect(cfg.url, cfg), cfg, intake, "b")  # a second worker, bytes client
     # The README's one-liner, on a cluster: redis-cli -c follows the MOVED redirection.

@@ -71,10 +71,18 @@ def wait_jobs(queue: JobQueue, ids: list[str], timeout: float = 240.0) -> dict[s
     raise AssertionError(f"jobs did not finish: {json.dumps(states, default=str)[:2000]}")
 
 
-def _clips_by_label(url: str) -> dict[str, float]:
+def _sum_by(url: str, metric: str, label: str) -> dict[str, float]:
     from prom import load_checker
-    rows = load_checker().query(url, "sum by (label) (ray_pel_clips_total)")
-    return {r["metric"]["label"]: float(r["value"][1]) for r in rows}
+    rows = load_checker().query(url, f"sum by ({label}) ({metric})")
+    return {r["metric"][label]: float(r["value"][1]) for r in rows}
+
+
+def _clips_by_label(url: str) -> dict[str, float]:
+    return _sum_by(url, "ray_pel_clips_total", "label")
+
+
+def _increase(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    return {k: round(v - before.get(k, 0)) for k, v in after.items() if round(v - before.get(k, 0))}
 
 
 def test_prometheus_answers_every_dashboard_query_and_counts_match_redis(
@@ -90,8 +98,10 @@ def test_prometheus_answers_every_dashboard_query_and_counts_match_redis(
             time.sleep(1)
         time.sleep(3)
         before = _clips_by_label(url)
+        dead_before = _sum_by(url, "ray_pel_dead_letters_total", "reason")
         ids = [q.push(f"{media['base']}/face.mp4"), q.push(f"{media['base']}/hls/index.m3u8"),
                q.push("file:///nonexistent/outside-roots.mp4")]
+        service["redis"].lpush("e2e:jobs", "{not json")
         wait_jobs(q, ids)
         redis_counts: dict[str, int] = {}
         for job_id in ids:
@@ -106,6 +116,12 @@ def test_prometheus_answers_every_dashboard_query_and_counts_match_redis(
                 break
             time.sleep(1)
         assert {k: v for k, v in delta.items() if v} == redis_counts
+        # dead letters as the Moderator counts them: the rejected URL and the bad JSON
+        deadline = time.time() + 30
+        while (dead := _increase(dead_before, _sum_by(url, "ray_pel_dead_letters_total",
+                                                      "reason"))) != {"failed": 1, "invalid_job": 1}:
+            assert time.time() < deadline, dead
+            time.sleep(1)
         # The status endpoint says where to scrape: the port this Prometheus scrapes is listed.
         status = serve.get_app_handle("pel").status.remote().result(timeout_s=30)
         assert any(e.endswith(f":{ray_cluster['metrics_port']}")

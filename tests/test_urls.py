@@ -77,9 +77,26 @@ def test_policy_rejects_unsupported_scheme_names():
 ])
 def test_non_public_addresses_are_refused(host):
     assert rejected(f"http://{host}:8000/a.mp4").reason == "address"
-    # ...unless the operator explicitly allows them (e.g. a camera on the LAN)
+    # ...unless the operator explicitly allows them (e.g. a camera on the LAN), except
+    # link-local addresses, where cloud metadata services live
     allow = UrlPolicyConfig(allow_private_addresses=True)
-    assert check_url(f"rtsp://{host}:8554/cam", allow).live is True
+    if host in ("169.254.169.254", "[fe80::1]"):
+        assert rejected(f"http://{host}/latest/", allow).reason == "address"
+    else:
+        assert check_url(f"rtsp://{host}:8554/cam", allow).live is True
+
+
+@pytest.mark.parametrize("host, net", [
+    ("169.254.169.254", "169.254.0.0/16"), ("[::ffff:169.254.169.254]", "::ffff:0:0/96"),
+    ("[fe80::1]", "fe80::/10"), ("[fd00:ec2::254]", "fd00:ec2::/64"),
+    ("100.100.100.200", "100.64.0.0/10")])
+def test_metadata_services_stay_refused_with_private_addresses_allowed(host, net):
+    allow = UrlPolicyConfig(allow_private_addresses=True)
+    err = rejected(f"http://{host}/latest/meta-data/", allow)
+    assert err.reason == "address" and "allowed_networks" in str(err)
+    # an operator who really means it lists the network
+    explicit = UrlPolicyConfig(allow_private_addresses=True, allowed_networks=(net,))
+    assert check_url(f"http://{host}/latest/", explicit).host
 
 
 def test_numeric_host_forms_cannot_smuggle_loopback():
@@ -143,7 +160,9 @@ def test_files_inside_roots_only(tmp_path):
     assert rejected(str(outside), policy).reason == "file"
     assert rejected(f"{root}/../secret.mp4", policy).reason == "file"
     assert rejected(str(root / "link.mp4"), policy).reason == "file"  # symlink escapes the root
-    assert rejected("media/a.mp4", policy).reason == "scheme"  # relative: no scheme, not a path
+    err = rejected("media/a.mp4", policy)  # relative: no scheme, not a path
+    assert err.reason == "scheme" and "file (under file_roots)" in str(err)
+    assert "file" not in str(rejected("media/a.mp4"))  # not offered where files are off
     assert rejected(f"file://otherhost{root / 'a.mp4'}", policy).reason == "file"
     assert rejected(str(root / "a.mp4"), UrlPolicyConfig(allow_files=True)).reason == "file"
 

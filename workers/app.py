@@ -27,6 +27,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse
 from pel_model.config import AppConfig
 
 from .autoscale import WorkerScaler
+from .dead_letter_tally import DeadLetterTally
 from .detector import PELDetector
 from .explainer import PELExplainer
 from .metrics import metrics
@@ -78,7 +79,7 @@ class Moderator:
         self._endpoints_at = 0.0
         self.metrics = metrics(self.cfg.metrics.enabled)
         self.metrics.preregister()
-        self._dead_seen = "$"
+        self.dead_letters = DeadLetterTally(self.queue.r, self.queue.keys.deadletter)
         self.workers = [self._spawn(i) for i in range(self.cfg.intake.stream_workers)]
         self.draining: list = []  # told to drain; removed once idle (autoscale.py)
         self._next_index = len(self.workers)
@@ -100,7 +101,8 @@ class Moderator:
             try:
                 await asyncio.to_thread(ensure_embedded_redis, self.cfg.redis)
                 self.metrics.set_queue_depth(await asyncio.to_thread(self.queue.queue_depth))
-                await asyncio.to_thread(self._count_dead_letters)
+                for reason in await asyncio.to_thread(self.dead_letters.new_reasons):
+                    self.metrics.dead_letter(reason)
                 if self.model is None:
                     self.model = await asyncio.wait_for(self.detector.info.remote(), 30)
                 await self._restart_stuck_workers()
@@ -177,18 +179,6 @@ class Moderator:
                 ray.kill(w, no_restart=True)
                 self.draining.remove(w)
                 await asyncio.to_thread(self.queue.forget_consumer, st["consumer"])
-
-    def _count_dead_letters(self) -> None:
-        """Count every new dead letter once, whatever produced it (worker, claim, lease expiry)."""
-        rows = self.queue.r.xread({self.queue.keys.deadletter: self._dead_seen}, count=1000)
-        for _, entries in rows:
-            for entry_id, fields in entries:
-                self._dead_seen = entry_id
-                f = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
-                reason = f.get("reason", "")
-                self.metrics.dead_letter("lease_expired" if "lease expired" in reason
-                                         else "duplicate_id" if reason.startswith("duplicate job id")
-                                         else "invalid_job" if "raw" in f else "failed")
 
     def check_health(self) -> None:
         if self._monitor.done():

@@ -24,7 +24,8 @@ import av.error
 import numpy as np
 
 from pel_model.config import StreamConfig
-from workers.egress_guard import GuardSession, describe_refusals, egress_guard
+from workers.egress_guard import (GuardSession, describe_connect_failure, describe_refusals,
+                                  egress_guard)
 from workers.redact import redact_text
 from workers.urls import ResolvedSource, UrlRejected, check_url
 
@@ -33,7 +34,8 @@ av.logging.set_level(None)  # PyAV's log bridge can deadlock with threads; we ma
 # Why a stream ended in error. Transient ones are retried (another attempt may succeed);
 # the rest are final at once: the media, the URL or the policy will not change.
 REASONS = ("unreachable", "stalled", "truncated", "reconnects_exhausted",  # transient
-           "http_error", "corrupt", "no_video", "unsupported", "rejected")  # permanent
+           "http_error", "not_found", "corrupt", "no_video", "unsupported",  # permanent
+           "rejected")
 TRANSIENT_REASONS = frozenset(REASONS[:4])
 # FFmpeg's HTTP errors by status class: 400/401/403/404 will not change on retry; "other 4xx"
 # includes 408 and 429 (FFmpeg does not say which), so it is retried like a 5xx.
@@ -108,6 +110,8 @@ def classify_error(exc: BaseException, source: Optional[ResolvedSource] = None) 
         return StreamError("http_error", f"{where}: {_text(exc)}")
     if isinstance(exc, (av.error.HTTPError, av.error.HTTPClientError, av.error.HTTPServerError)):
         return StreamError("unreachable", f"{where}: {_text(exc)} (retried)")
+    if isinstance(exc, FileNotFoundError) and source is not None and not source.is_network:
+        return StreamError("not_found", f"{where} does not exist")
     if isinstance(exc, OSError):
         return StreamError("unreachable", f"cannot read {where}: {_text(exc)}")
     if isinstance(exc, av.error.FFmpegError):
@@ -123,6 +127,9 @@ def settle_error(error: StreamError, source: ResolvedSource, frames_seen: bool,
     refused = describe_refusals(guard)
     if refused and error.reason != "rejected":
         return StreamError("rejected", f"{source.redacted}: {refused}")
+    unconnected = describe_connect_failure(guard)
+    if unconnected and error.reason == "unreachable" and not frames_seen:
+        return StreamError("unreachable", f"{source.redacted}: {unconnected} (retried)")
     if error.reason == "corrupt" and frames_seen and source.is_network:
         return StreamError("truncated", f"{source.redacted} broke off after good frames "
                                         f"({error.message})")

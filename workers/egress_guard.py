@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 import secrets
 import selectors
 import socket
@@ -280,6 +281,19 @@ def egress_guard() -> EgressGuard:
                 os.environ.pop(name, None)
             _GUARD = EgressGuard().start()
         return _GUARD
+
+
+def describe_connect_failure(session: Optional[GuardSession]) -> Optional[str]:
+    """The last connection the guard allowed but could not make (nothing listening, a
+    timeout), in one line, if it was the session's last event: FFmpeg only sees the guard's
+    502 and would report a server error that no server sent."""
+    if session is None or not session.events:
+        return None
+    e = session.events[-1]
+    if not (e.allowed and e.detail.startswith("connect failed")):
+        return None
+    why = re.sub(r"^\[Errno -?\d+\] ", "", e.detail[len("connect failed: "):])
+    return f"cannot connect to {redact_url('http://' + e.target)[7:]}: {why}"
 
 
 def describe_refusals(session: Optional[GuardSession]) -> Optional[str]:

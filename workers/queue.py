@@ -9,7 +9,8 @@ Keys (``P`` = `RedisConfig.prefix`, default ``pel``; use ``{pel}`` on Redis Clus
                       attempts, url (redacted), consumer, created/started/updated/finished
                       (unix seconds), clips_done, media_seconds, frames_sampled, faces_scored
                       (never decrease), clips_failed, error, ended (how a live stream
-                      ended), entry_id, cancel_requested.
+                      ended), entry_id, cancel_requested, retry_at (queued again after a
+                      failed attempt: not before this time).
 * ``P:jobs:active``   ZSET of queued/running job ids (score: time first seen).
 * ``P:deadletter``    STREAM of jobs given up on: job_id, url (redacted), reason, attempts,
                       time, entry_id, consumer, raw (redacted payload, invalid jobs only).
@@ -17,7 +18,8 @@ Keys (``P`` = `RedisConfig.prefix`, default ``pel``; use ``{pel}`` on Redis Clus
 Semantics: a claimed job is pending on its stream entry. A worker renews its lease with
 `JobQueue.keepalive` (the `Lease` thread does it every ``lease_seconds / 3``); an entry idle for
 ``lease_seconds`` (its worker died) is taken over by the next `claim` via XAUTOCLAIM. Attempts
-are the entry's delivery count; after ``max_attempts`` failed attempts (explicit `fail` or lease
+are the entry's delivery count; an explicit `fail` is redelivered after a backoff
+(``retry_backoff_s``, doubling, at most a lease); after ``max_attempts`` failed attempts (explicit `fail` or lease
 expiry) the job is dead-lettered and its state becomes ``failed``. Invalid payloads are
 dead-lettered on first read. Writes from a worker that lost its lease are refused (fenced).
 Resubmitting an existing job id starts a fresh state record for it.
@@ -48,7 +50,7 @@ POLL_SLICE_MS = 200
 PROGRESS_FIELDS = {"clips_done": int, "media_seconds": float, "frames_sampled": int, "faces_scored": int}
 _INT_FIELDS = {"attempts", "clips_done", "frames_sampled", "faces_scored", "clips_failed"}
 _FLOAT_FIELDS = {"media_seconds", "created", "started", "updated", "finished", "time",
-                 "cancel_requested"}
+                 "retry_at", "cancel_requested"}
 _ID_NAMESPACE = uuid.UUID("6f1c2f7e-5a2b-4c1e-9d0a-3f1b8e2c7a55")
 
 # RPOP (oldest first, users LPUSH) + XADD in one atomic step. Returns [entry, raw, entry, raw...].
@@ -122,7 +124,8 @@ _RETRY = _OWNER + """
 if owner(KEYS[1], ARGV[1], ARGV[3]) ~= ARGV[2] then return 0 end
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[4], 'JUSTID')
 if redis.call('HGET', KEYS[2], 'entry_id') == ARGV[3] then
-  redis.call('HSET', KEYS[2], 'state', 'queued', 'error', ARGV[6], 'updated', ARGV[5])
+  redis.call('HSET', KEYS[2], 'state', 'queued', 'error', ARGV[6], 'updated', ARGV[5],
+             'retry_at', ARGV[7])
 end
 return 1
 """
@@ -380,7 +383,7 @@ class JobQueue:
         for name in PROGRESS_FIELDS:  # kept across redeliveries (see _PROGRESS)
             pipe.hsetnx(key, name, 0)
         pipe.hsetnx(key, "created", now)
-        pipe.hdel(key, "finished")
+        pipe.hdel(key, "finished", "retry_at")
         pipe.zadd(self.keys.active, {job.id: float(now)}, nx=True)
         pipe.execute()
 
@@ -474,15 +477,25 @@ class JobQueue:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.r.hexists(self.keys.job(job_id), "cancel_requested"))
 
+    def retry_delay_s(self, attempts: int) -> float:
+        """How long a job waits before its next attempt after `attempts` failed ones:
+        `retry_backoff_s` doubling per attempt, at most one lease."""
+        return min(self.cfg.retry_backoff_s * 2 ** (attempts - 1), self.cfg.lease_seconds)
+
     def fail(self, job: Job, reason: str, retry: bool = True) -> bool:
         """Record a failed attempt. With `retry` and attempts left, any consumer may take it
-        over immediately; otherwise dead-letter it now. False if we no longer held the lease."""
+        over after `retry_delay_s` (its entry is made to look idle for a lease less that
+        delay, so the normal lease takeover redelivers it); otherwise dead-letter it now.
+        False if we no longer held the lease."""
         entry = _claimed(job)
         if retry and job.attempts < self.cfg.max_attempts:
+            delay_s = self.retry_delay_s(job.attempts)
+            now = time.time()
             return bool(self._grouped(lambda: self._retry(
                 keys=[self.keys.stream, self.keys.job(job.id)],
-                args=[self.keys.group, self.consumer, entry, self.lease_ms, str(time.time()),
-                      reason],
+                args=[self.keys.group, self.consumer, entry,
+                      max(0, self.lease_ms - int(delay_s * 1000)), str(now), reason,
+                      str(now + delay_s)],
             )))
         if retry:
             reason = f"failed {job.attempts}/{self.cfg.max_attempts} attempts; last error: {reason}"

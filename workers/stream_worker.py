@@ -155,16 +155,17 @@ class StreamWorker:
             if lease.cancelled:
                 self.queue.finish(job, "cancelled", "cancelled by request")
             else:
-                self._failed(job, str(err), err.transient, err.reason)
+                self._failed(job, lease, str(err), err.transient, err.reason)
         except Exception as exc:
             log.exception("job %s failed", job.id)
-            self._failed(job, f"internal: {type(exc).__name__}: {exc}", True, "internal")
+            self._failed(job, lease, f"internal: {type(exc).__name__}: {exc}", True, "internal")
         finally:
             lease.stop()
             self.active.pop(job.id, None)
             self.metrics.set_active_streams(len(self.active))
 
-    def _failed(self, job: Job, message: str, retry: bool, reason: str) -> None:
+    def _failed(self, job: Job, lease: Lease, message: str, retry: bool, reason: str) -> None:
         # Dead letters are counted by the Moderator from the dead-letter stream (all causes).
         self.metrics.stream_error(reason)
+        lease.stop()  # a renewal after `fail` would undo its retry backoff
         self.queue.fail(job, redact_text(message)[:1000], retry=retry)

@@ -142,13 +142,29 @@ def vet_host(host: str, port: int, policy: UrlPolicyConfig,
     if policy.allowed_hosts is not None and not host_allowed(host, policy.allowed_hosts):
         raise UrlRejected("host", f"host {host!r} is not in allowed_hosts")
     addresses = resolve(host, port)
-    if not policy.allow_private_addresses:
-        networks = [ipaddress.ip_network(n, strict=False) for n in policy.allowed_networks]
-        for text in addresses:
-            ip = ipaddress.ip_address(text.split("%", 1)[0])
-            if not is_public_address(ip) and not any(ip in n for n in networks):
-                raise UrlRejected("address", f"host {host!r} resolves to non-public address {ip}")
+    networks = [ipaddress.ip_network(n, strict=False) for n in policy.allowed_networks]
+    for text in addresses:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+        if any(ip in n for n in networks):
+            continue
+        if not policy.allow_private_addresses and not is_public_address(ip):
+            raise UrlRejected("address", f"host {host!r} resolves to non-public address {ip}")
+        if policy.allow_private_addresses and _metadata_service(ip):
+            raise UrlRejected("address", f"host {host!r} resolves to {ip}, link-local or a cloud "
+                                         "metadata address: refused even with "
+                                         "allow_private_addresses; list it in allowed_networks")
     return addresses
+
+
+# Instance metadata services outside link-local: AWS over IPv6, Alibaba Cloud.
+_METADATA = {ipaddress.ip_address("fd00:ec2::254"), ipaddress.ip_address("100.100.100.200")}
+
+
+def _metadata_service(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """169.254/16 and fe80::/10 (169.254.169.254 serves AWS, GCP and Azure credentials), the
+    other metadata addresses, and their IPv4-mapped forms."""
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return any(a is not None and (a.is_link_local or a in _METADATA) for a in (ip, mapped))
 
 
 def check_url(url: str, policy: UrlPolicyConfig) -> ResolvedSource:
@@ -172,8 +188,10 @@ def check_url(url: str, policy: UrlPolicyConfig) -> ResolvedSource:
         return _check_file(url, parts.path, policy)
     if scheme not in PROTOCOL_WHITELISTS or scheme not in policy.allowed_schemes:
         shown = scheme or "(none)"
+        allowed = [s for s in policy.allowed_schemes if s != "hls"]
+        allowed += ["file (under file_roots)"] if policy.allow_files else []
         raise UrlRejected("scheme", f"scheme {shown!r} is not allowed (allowed: "
-                                    f"{', '.join(s for s in policy.allowed_schemes if s != 'hls')})")
+                                    f"{', '.join(allowed)})")
     if parts.netloc.count("@") > 1:
         raise UrlRejected("syntax", "more than one '@' in the URL authority")
     host = (parts.hostname or "").rstrip(".")
