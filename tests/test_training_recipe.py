@@ -311,6 +311,8 @@ model: {{input_size: 64}}
     assert summary["crops"] == 12 and summary["no_face"] == [] and summary["fallbacks"] >= 4
     rows = [json.loads(l) for l in (tmp_path / "out" / "index.jsonl").read_text().splitlines()]
     assert {r["dataset"] for r in rows} == {"crops", "photos"}
+    assert {r["group"] for r in rows if r["dataset"] == "crops"} == {"v0", "v1", "v2", "v3"}
+    assert all(r["group"] == r["video"] for r in rows if r["dataset"] == "photos")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["dataset"] == "crops+photos" and manifest["face_crops"] is True
 
@@ -343,6 +345,13 @@ def test_evaluate_the_untrained_baseline_with_per_item_scores_and_per_dataset_fi
     with open(report["scores_csv"]) as f:
         scored = list(csv.DictReader(f))
     assert len(scored) == 12 and {r["verdict"] for r in scored} <= {"real", "fake"}
+    assert all(0 <= float(r["fake_probability_downscale"]) <= 1 for r in scored)
+    conf = report["confidence"]  # no `group` in these rows: videos are resampled
+    assert conf["unit"] == "video" and conf["all"]["clusters"] == 6
+    lo, hi = conf["by_dataset"]["dfdc"]["clean"]["auc"]
+    assert lo <= report["by_dataset"]["dfdc"]["auc"] <= hi and "photos" not in conf["by_dataset"]
+    d_lo, d_hi = conf["all"]["downscale"]["delta_auc"]
+    assert d_lo <= report["robustness"]["downscale"]["delta"]["frame"]["auc"] <= d_hi
     from training.metrics import expected_calibration_error  # 8 real, 4 fake, weighted to 50/50
     assert report["ece_at_prior"]["prior"] == 0.5 and report["ece_at_prior"]["ece"] == pytest.approx(
         expected_calibration_error([r["label"] == "fake" for r in scored],

@@ -137,6 +137,41 @@ def test_ece_weighted_to_a_prior_equals_ece_of_the_rebalanced_sample():
         metrics.class_weights(np.zeros(4), 0.5)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_weighted_auc_matches_sklearn_with_sample_weights_and_ties(seed):
+    from training.confidence import weighted_auc
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 400)
+    s = np.round(rng.normal(y * 0.7, 1.0), 1)  # rounding makes ties
+    w = rng.integers(0, 4, (3, 400)).astype(float)
+    for row, got in zip(w, weighted_auc(y, s, w)):
+        assert got == pytest.approx(roc_auc_score(y, s, sample_weight=row), abs=1e-12)
+    assert weighted_auc(y, s, np.ones(400))[0] == pytest.approx(metrics.auc(y, s), abs=1e-12)
+
+
+def test_cluster_bootstrap_resamples_whole_clusters_and_pairs_the_deltas():
+    from training.confidence import auc_intervals, cluster_weights
+
+    clusters = [f"c{i // 3}" for i in range(300)]  # 100 clusters of 3
+    w = cluster_weights(clusters, 50, seed=1)
+    assert w.shape == (50, 300) and (w.sum(axis=1) == 300).all()
+    assert (w.reshape(50, 100, 3) == w.reshape(50, 100, 3)[:, :, :1]).all()  # a cluster moves whole
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    clean = rng.normal(y, 1.0)
+    worse = clean + rng.normal(0, 0.4, 300)
+    ci = auc_intervals(y, {"clean": clean, "worse": worse}, clusters, resamples=500, seed=0)
+    lo, hi = ci["clean"]["auc"]
+    assert lo < metrics.auc(y, clean) < hi and "delta_auc" not in ci["clean"]
+    d_lo, d_hi = ci["worse"]["delta_auc"]
+    assert d_lo < metrics.auc(y, worse) - metrics.auc(y, clean) < d_hi
+    # paired: the delta's interval is narrower than either AUC's
+    assert d_hi - d_lo < min(hi - lo, np.subtract(*ci["worse"]["auc"][::-1]))
+    assert ci["resamples"] + ci["dropped"] == 500 and ci["clusters"] == 100
+    assert auc_intervals(np.zeros(10), {"clean": np.ones(10)}, list("abcdefghij")) is None
+
+
 # ----------------------------------------------------------------------------- SBI
 def _crop(size=128):
     from PIL import Image
@@ -222,6 +257,7 @@ def test_ffpp_layout_splits_and_missing_files(tmp_path):
     assert sorted(s.id for s in src) == ["Deepfakes/000_001", "Deepfakes/001_000", "FaceSwap/000_001",
                                          "FaceSwap/001_000", "youtube/000", "youtube/001"]
     assert {s.label for s in src if s.method == "youtube"} == {0} and {s.split for s in src} == {"train"}
+    assert {s.group for s in src} == {"000_001"}  # a pair's originals and fakes: one cluster
     (tmp_path / "splits/test.json").write_text(json.dumps([["002", "003"]]))
     with pytest.raises(DatasetError) as err:
         load_sources("ffpp", tmp_path, compression="c40", methods=["Deepfakes"])
@@ -280,6 +316,7 @@ def test_celebdf_dfdc_folder_csv(tmp_path):
     src = {s.id: s for s in load_sources("dfdc", d)}
     assert (src["dfdc_train_part_0/a"].label, src["dfdc_train_part_0/b"].label) == (0, 1)
     assert src["dfdc_train_part_0/a"].split == src["dfdc_train_part_0/b"].split  # fake follows its original
+    assert src["dfdc_train_part_0/a"].group == src["dfdc_train_part_0/b"].group == "a.mp4"
     assert src["test/c"].label == 1 and src["test/c"].split == "test"
     (d / "test/labels.csv").write_text("filename,label\nc.mp4,maybe\nmissing.mp4,0\n")
     with pytest.raises(DatasetError, match="labels.csv:2"):

@@ -151,10 +151,12 @@ def _evaluate(args) -> int:
     report = evaluate(None if untrained else Path(args.checkpoint), Path(args.data), out, args.split,
                       parse_perturbations(args.robustness), cfg.eval_batch_size, cfg.seed, args.device,
                       int8_calibration=args.int8_calibration, int8_keep_float=args.int8_keep_float,
-                      model_cfg=cfg.model, input_median=args.input_median)
+                      model_cfg=cfg.model, input_median=args.input_median,
+                      bootstrap=args.bootstrap)
     print(json.dumps({"report": str(out / "report.json"), "clean": report["clean"],
                       "by_dataset": report["by_dataset"], "scores_csv": report["scores_csv"],
                       "robustness_delta": {k: v["delta"] for k, v in report["robustness"].items()},
+                      **({"confidence": report["confidence"]} if "confidence" in report else {}),
                       **({"int8": report["int8"]} if "int8" in report else {})}))
     return 0
 
@@ -253,4 +255,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-median", action=argparse.BooleanOptionalAction, default=None,
                    help="switch the input median prefilter on (or off with --no-input-median) "
                         "whatever the checkpoint says (default: as the checkpoint says)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="resamples of source videos for 95%% intervals of each AUC and paired "
+                        "delta AUC (default 1000; 0: none)")
     p.set_defaults(func=_evaluate)

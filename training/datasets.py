@@ -49,6 +49,7 @@ class Source:
     method: str = ""  # e.g. "youtube", "Deepfakes", "real_train"
     frames: tuple[str, ...] = ()  # for kind="frames": archive members in frame order
     dataset: str = ""  # which dataset it came from (set by `load_sources`; reports break down by it)
+    group: str = ""  # source video it shares with others (a fake and its real); "" = its own
 
 
 def hash_fraction(key: str) -> float:
@@ -125,11 +126,13 @@ def ffpp(root: Path, compression: str = "c23", methods: Iterable[str] = FFPP_MET
                     raise DatasetError(f"video {vid} is in both {seen[vid]} and {split}",
                                        [splits_dir / f"{split}.json"])
                 sources.append(Source(f"youtube/{vid}", root / "original_sequences/youtube" / comp
-                                      / "videos" / f"{vid}.mp4", 0, split, method="youtube"))
+                                      / "videos" / f"{vid}.mp4", 0, split, method="youtube",
+                                      group=f"{a}_{b}"))
             for m in methods:
                 for t, s in ((a, b), (b, a)):
                     sources.append(Source(f"{m}/{t}_{s}", root / "manipulated_sequences" / m / comp
-                                          / "videos" / f"{t}_{s}.mp4", 1, split, method=m))
+                                          / "videos" / f"{t}_{s}.mp4", 1, split, method=m,
+                                          group=f"{a}_{b}"))
     return _check_files(sources)
 
 
@@ -300,7 +303,7 @@ def dfdc(root: Path, val_fraction: float = 0.05) -> list[Source]:
             label = _dfdc_label(info.get("label"), f"{meta}: {name}", bad)
             key = name if label == 0 else str(info.get("original") or name)
             sources.append(Source(f"{part.name}/{Path(name).stem}", part / name, label,
-                                  hash_split(key, val_fraction), method=part.name))
+                                  hash_split(key, val_fraction), method=part.name, group=key))
     labels = next((p for p in (root / "test" / "labels.csv", root / "labels.csv") if p.is_file()), None)
     if labels is not None:
         with labels.open(newline="") as f:
@@ -399,7 +402,8 @@ def csv_list(path: Path, val_fraction: float = 0.1, test_fraction: float = 0.1,
             if label is None or split not in SPLITS or not _kind(media):
                 bad.append(f"{path}:{i}: {row}")
                 continue
-            sources.append(Source(row["path"].rsplit(".", 1)[0], media, label, split, _kind(media)))
+            sources.append(Source(row["path"].rsplit(".", 1)[0], media, label, split, _kind(media),
+                                  group=(row.get("group") or "").strip()))
     if bad:
         raise DatasetError("malformed CSV rows (label real/fake/0/1, split train/val/test, "
                            "a video or image path)", bad)

@@ -6,7 +6,9 @@ checkpoint's threshold. Frame level: every crop. Video level: a video's score is
 frame probabilities. Robustness (as in the paper's Table 3): the crops are perturbed with
 Gaussian noise, salt-and-pepper noise, Gaussian blur or JPEG re-compression and metrics are
 reported with their deltas against the clean crops. Writes `report.json`, `roc.png` and
-`scores.png` to the output folder. With `int8_calibration`, the report also says what the
+`scores.png` to the output folder, and per-crop scores (clean and under each perturbation) to
+`scores.csv`. With `bootstrap` > 0, 95 % intervals of every AUC and of every paired delta AUC
+(`training.confidence`, resampling source videos) go into `report["confidence"]`. With `int8_calibration`, the report also says what the
 INT8 (Q/DQ) graph costs against FP32 on the same crops (`report["int8"]`).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pel_model.scorer import calibrated_probability
 
 from . import augment as A
 from .calibrate import calibration_prior
+from .confidence import auc_intervals
 from .data import eval_arrays, manifest, read_index
 from .metrics import auc, binary_metrics, expected_calibration_error, video_level
 from .plots import roc_plot, score_histogram
@@ -153,19 +156,49 @@ def by_dataset(rows: list[dict], labels: np.ndarray, probs: np.ndarray, threshol
     return out
 
 
+def clusters_of(rows: list[dict]) -> tuple[list[str], str]:
+    """The bootstrap's resampling unit per crop: its source video (`group`, written by
+    `pel prepare` since 2026-12-07) where every row has one, else its video."""
+    if all(r.get("group") for r in rows):
+        return [r["group"] for r in rows], "group"
+    return [r["video"] for r in rows], "video"
+
+
+def confidence(rows: list[dict], labels: np.ndarray, curves: dict[str, np.ndarray],
+               default: str, resamples: int, seed: int) -> dict:
+    """Bootstrap intervals (`training.confidence`) on the whole split and per dataset tag."""
+    clusters, unit = clusters_of(rows)
+    tags = np.array([r.get("dataset") or default for r in rows])
+    out = {"unit": unit, "all": auc_intervals(labels, curves, clusters, resamples=resamples,
+                                              seed=seed), "by_dataset": {}}
+    for t in sorted(set(tags.tolist())):
+        sel = tags == t
+        ci = auc_intervals(labels[sel], {k: v[sel] for k, v in curves.items()},
+                           [c for c, keep in zip(clusters, sel) if keep], resamples=resamples,
+                           seed=seed)
+        if ci is not None:
+            out["by_dataset"][t] = ci
+    return out
+
+
 def write_scores(out_dir: Path, rows: list[dict], labels: np.ndarray, probs: np.ndarray,
-                 threshold: float, default: str) -> tuple[Path, Path]:
-    """`scores.csv` (one line per crop) and `videos.csv` (one per video: mean probability,
-    verdict at the threshold)."""
+                 threshold: float, default: str,
+                 perturbed: Optional[dict[str, np.ndarray]] = None) -> tuple[Path, Path]:
+    """`scores.csv` (one line per crop; a `fake_probability_<perturbation>` column per
+    perturbation) and `videos.csv` (one per video: mean clean probability, verdict at the
+    threshold)."""
     import csv
 
+    perturbed = perturbed or {}
     crops_csv, videos_csv = out_dir / "scores.csv", out_dir / "videos.csv"
     with crops_csv.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "video", "frame", "dataset", "label", "fake_probability", "verdict"])
-        for r, y, p in zip(rows, labels, probs):
+        w.writerow(["path", "video", "frame", "dataset", "label", "fake_probability", "verdict",
+                    *(f"fake_probability_{k}" for k in perturbed)])
+        for i, (r, y, p) in enumerate(zip(rows, labels, probs)):
             w.writerow([r["path"], r["video"], r.get("frame", 0), r.get("dataset") or default,
-                        "fake" if y else "real", f"{p:.6f}", "fake" if p >= threshold else "real"])
+                        "fake" if y else "real", f"{p:.6f}", "fake" if p >= threshold else "real",
+                        *(f"{v[i]:.6f}" for v in perturbed.values())])
     ids, vy, vp = video_level([r["video"] for r in rows], labels, probs)
     frames = {v: 0 for v in ids}
     for r in rows:
@@ -183,7 +216,7 @@ def evaluate(checkpoint: Optional[Path], prepared: Path, out_dir: Path, split: s
              perturbations: Optional[dict[str, float]] = None, batch_size: int = 64,
              seed: int = 0, device: str = "cpu", int8_calibration: Optional[Path] = None,
              int8_keep_float: tuple[str, ...] = (), model_cfg: Optional[ModelConfig] = None,
-             input_median: Optional[bool] = None) -> dict:
+             input_median: Optional[bool] = None, bootstrap: int = 1000) -> dict:
     """Evaluate and write the report (see module doc); returns the report dict.
     `checkpoint=None` scores the untrained network of `model_cfg` (a chance baseline).
     `input_median` switches the input median prefilter on or off whatever the checkpoint says
@@ -221,6 +254,7 @@ def evaluate(checkpoint: Optional[Path], prepared: Path, out_dir: Path, split: s
         report["ece_at_prior"] = {"prior": prior, "ece": expected_calibration_error(
             labels, probs, prior=prior)}
     curves = {"clean": (labels, probs)}
+    perturbed: dict[str, np.ndarray] = {}
     for i, (kind, strength) in enumerate((perturbations or {}).items()):
         p = calibrated_probability(predict_logits(model, perturb(crops, kind, strength, seed + i),
                                                   batch_size, device), t, b)
@@ -228,10 +262,14 @@ def evaluate(checkpoint: Optional[Path], prepared: Path, out_dir: Path, split: s
         res["by_dataset"] = by_dataset(rows, labels, p, thr, dataset)
         report["robustness"][kind] = {"strength": strength, **res, "delta": _delta(report["clean"], res)}
         curves[f"{kind} {strength:g}"] = (labels, p)
+        perturbed[kind] = p
+    if bootstrap > 0 and labels.min() != labels.max():
+        report["confidence"] = confidence(rows, labels, {"clean": probs, **perturbed}, dataset,
+                                          bootstrap, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report["scores_csv"], report["videos_csv"] = map(str, write_scores(out_dir, rows, labels, probs,
-                                                                       thr, dataset))
+    report["scores_csv"], report["videos_csv"] = map(str, write_scores(
+        out_dir, rows, labels, probs, thr, dataset, perturbed))
     if int8_calibration is not None:
         report["int8"] = int8_cost(model.cpu(), meta, crops, labels, Path(int8_calibration), out_dir,
                                    tuple(int8_keep_float))

@@ -6,8 +6,9 @@ Output folder:
 - `manifest.json`: crop size, frames per video, crop format, face config, dataset.
 - `videos/<id>.json`: one record per finished video (status `ok` or `no_face`, its crop rows).
 - `crops/<id>/<frame>.png|jpg` or `crops/<id>.npz` (one array per frame, key `f<frame>`).
-- `index.jsonl`: one row per crop: video, frame, label, split, method, box (frame pixels, with
-  score), landmarks (crop pixels), path (relative to the folder).
+- `index.jsonl`: one row per crop: video, frame, label, split, method, dataset, group (the
+  source video it shares with others, e.g. a fake and its real; else the video), box (frame
+  pixels, with score), landmarks (crop pixels), path (relative to the folder).
 - `report.json`: counts per split and label, videos without faces, videos that failed to read.
 
 Per frame the largest detected face is kept (for manipulated videos the target face is normally
@@ -135,7 +136,8 @@ def process_group(group: list[Source], out_dir: Path, faces: FaceConfig, size: i
                 continue
             face, crop, fell_back = kept
             rows.append({"video": src.id, "frame": idx, "label": src.label, "split": src.split,
-                         "method": src.method, "dataset": src.dataset, "box": face.as_list(),
+                         "method": src.method, "dataset": src.dataset,
+                         "group": src.group or src.id, "box": face.as_list(),
                          "landmarks": _landmarks_in_crop(face, faces.margin, frame.shape, size),
                          "fallback": fell_back,
                          "path": _write_crop(out_dir, sid, idx, crop, fmt, npz)})
