@@ -8,8 +8,9 @@ Gaussian noise, salt-and-pepper noise, Gaussian blur or JPEG re-compression and 
 reported with their deltas against the clean crops. Writes `report.json`, `roc.png` and
 `scores.png` to the output folder, and per-crop scores (clean and under each perturbation) to
 `scores.csv`. With `bootstrap` > 0, 95 % intervals of every AUC and of every paired delta AUC
-(`training.confidence`, resampling source videos) go into `report["confidence"]`. With `int8_calibration`, the report also says what the
-INT8 (Q/DQ) graph costs against FP32 on the same crops (`report["int8"]`).
+(`training.confidence`, resampling source videos) go into `report["confidence"]`. With
+`int8_calibration`, the report also says what the INT8 (Q/DQ) graph costs against FP32 on the
+same crops (`report["int8"]`).
 """
 from __future__ import annotations
 
