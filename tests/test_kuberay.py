@@ -97,6 +97,11 @@ def test_podmonitor_and_container_image_definitions():
     [pm] = list(yaml.safe_load_all((KUBERAY / "podmonitor.yaml").read_text()))
     assert pm["kind"] == "PodMonitor"
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    # the rules (PelMetricsTargetDown: up{job="ray"}) select job="ray"; the Operator's default
+    # job label would be <namespace>/pel-moderation
+    assert {"targetLabel": "job", "replacement": "ray"} in \
+        pm["spec"]["podMetricsEndpoints"][0]["relabelings"]
+    assert 'job="ray"' in (ROOT / "deploy" / "prometheus" / "rules.yml").read_text()
     assert pm["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
     containerfile = (ROOT / "deploy" / "container" / "Containerfile").read_text()
     import ray

@@ -220,14 +220,16 @@ def test_lease_thread_reports_loss(redis_client):
 
 
 def test_dead_letter_tally_counts_each_new_entry_once_by_reason(redis_client):
-    """The Moderator's tally (`pel_dead_letters_total`): entries from before it started are
-    not counted, every later one once, across batches."""
+    """The Moderator's tally (`pel_dead_letters_total`): entries from before the first tally
+    are not counted, every later one once, across batches, and a restarted Moderator counts
+    what was written while it was down."""
     from workers.dead_letter_tally import DeadLetterTally
 
     q = make_queue(redis_client, "a", lease=0.3, attempts=1)
     redis_client.lpush("t:jobs", "{old bad json")
     assert drain(q) == []  # one dead letter before the tally starts
-    tally = DeadLetterTally(redis_client, q.keys.deadletter, batch=2)
+    keys = (redis_client, q.keys.deadletter, q.keys.deadletter_counted)
+    tally = DeadLetterTally(*keys, batch=2)
     assert tally.new_reasons() == []
     redis_client.lpush("t:jobs", "{bad json")
     q.push({"id": "dup", "url": "https://h/a.mp4"})
@@ -241,6 +243,13 @@ def test_dead_letter_tally_counts_each_new_entry_once_by_reason(redis_client):
     assert sorted(tally.new_reasons()) == ["duplicate_id", "failed", "invalid_job",
                                            "lease_expired"]
     assert tally.new_reasons() == [] and len(q.dead_letters(10)) == 5
+    del tally  # the Moderator is down: two more dead letters meanwhile
+    redis_client.lpush("t:jobs", "{bad json 2")
+    redis_client.lpush("t:jobs", "{bad json 3")
+    assert drain(q) == []
+    restarted = DeadLetterTally(*keys)
+    assert restarted.new_reasons() == ["invalid_job", "invalid_job"]
+    assert restarted.new_reasons() == []
 
 
 def test_lease_expiry_max_attempts_dead_letters(redis_client):

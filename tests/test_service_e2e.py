@@ -124,6 +124,12 @@ def test_prometheus_answers_every_dashboard_query_and_counts_match_redis(
             time.sleep(1)
         # The status endpoint says where to scrape: the port this Prometheus scrapes is listed.
         status = serve.get_app_handle("pel").status.remote().result(timeout_s=30)
+        # Every stream worker exports its counters from zero (preregistered), so rate() and
+        # increase() see a worker's first redelivery or stream error.
+        for w in status["workers"]:
+            sel = f'WorkerId="{w["worker_id"]}"'
+            for metric in ("ray_pel_job_redeliveries_total", "ray_pel_stream_errors_total"):
+                assert load_checker().query(url, f"{metric}{{{sel}}}"), (metric, w)
         assert any(e.endswith(f":{ray_cluster['metrics_port']}")
                    for e in status["metrics_endpoints"]), status["metrics_endpoints"]
         report = load_checker().check_dashboard(DASHBOARD, url, wait_s=30)

@@ -79,7 +79,8 @@ class Moderator:
         self._endpoints_at = 0.0
         self.metrics = metrics(self.cfg.metrics.enabled)
         self.metrics.preregister()
-        self.dead_letters = DeadLetterTally(self.queue.r, self.queue.keys.deadletter)
+        self.dead_letters = DeadLetterTally(self.queue.r, self.queue.keys.deadletter,
+                                            self.queue.keys.deadletter_counted)
         self.workers = [self._spawn(i) for i in range(self.cfg.intake.stream_workers)]
         self.draining: list = []  # told to drain; removed once idle (autoscale.py)
         self._next_index = len(self.workers)
@@ -269,7 +270,7 @@ def build_app(args: dict | None = None) -> serve.Application:
         **scale, max_ongoing_requests=max(d.max_ongoing_requests, 2 * d.max_batch_size),
         ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": num_gpus,
                            "resources": dict(d.resources)},
-    ).bind(d.model_dump(mode="json"))
+    ).bind(d.model_dump(mode="json"), cfg.metrics.enabled)
     ev = cfg.evidence
     explainer = None
     if ev.heatmaps and ev.tracks != "off":  # scales from zero when a track is flagged

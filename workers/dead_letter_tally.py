@@ -1,9 +1,11 @@
 """Every dead letter counted once for `pel_dead_letters_total{reason}`, whatever wrote it (a
 stream worker, a claim of an expired lease, the intake's JSON check).
 
-The Moderator reads the dead-letter stream from where it last stopped. It starts after the
-entries that already exist when it starts (they were counted by the process that came
-before, or are history), so a restart neither re-counts nor misses what arrives later.
+The Moderator reads the dead-letter stream from a cursor kept in Redis (`P:deadletter:counted`),
+so the dead letters written while it was down or restarting are counted by the next one. The
+first Moderator ever starts after the entries that exist (history, not news). A crash between
+counting and saving the cursor counts those entries again, in a fresh process whose counters
+start from zero anyway.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ def reason_label(fields: dict[str, str]) -> str:
 
 
 class DeadLetterTally:
-    def __init__(self, client: redis.Redis, key: str, batch: int = 1000):
-        self.r, self.key, self.batch = client, key, batch
+    def __init__(self, client: redis.Redis, key: str, cursor_key: str, batch: int = 1000):
+        self.r, self.key, self.cursor_key, self.batch = client, key, cursor_key, batch
         self.seen: Optional[str] = None
         try:
             self._start()
@@ -32,14 +34,18 @@ class DeadLetterTally:
             pass
 
     def _start(self) -> None:
+        saved = self.r.get(self.cursor_key)
+        if saved is not None:
+            self.seen = _text(saved)
+            return
         last = self.r.xrevrange(self.key, count=1)
         self.seen = _text(last[0][0]) if last else "0-0"
+        self.r.set(self.cursor_key, self.seen)
 
     def new_reasons(self) -> list[str]:
-        """Labels of the entries written since the last call (or since the tally started)."""
+        """Labels of the entries written since the cursor; moves the cursor past them."""
         if self.seen is None:
             self._start()
-            return []
         labels: list[str] = []
         while True:
             rows = self.r.xread({self.key: self.seen}, count=self.batch)
@@ -47,6 +53,8 @@ class DeadLetterTally:
             for entry_id, fields in entries:
                 self.seen = _text(entry_id)
                 labels.append(reason_label({_text(k): _text(v) for k, v in fields.items()}))
+            if entries:
+                self.r.set(self.cursor_key, self.seen)
             if len(entries) < self.batch:
                 return labels
 

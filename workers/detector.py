@@ -45,7 +45,7 @@ def model_calls(n: int, max_batch: int, runs: int = 1) -> list[slice]:
 
 @serve.deployment(name="PELDetector")
 class PELDetector:
-    def __init__(self, detector: dict):
+    def __init__(self, detector: dict, metrics_enabled: bool = True):
         t0 = time.perf_counter()
         cfg = DetectorConfig.model_validate(detector)
         self.scorer = load_scorer(cfg)
@@ -58,7 +58,7 @@ class PELDetector:
                  self.started_s, self.scorer.backend.describe(), self.max_batch, self.runs)
         self.score.set_max_batch_size(cfg.max_batch_size)
         self.score.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self.metrics = metrics()
+        self.metrics = metrics(metrics_enabled)
         self.metrics.preregister([self.scorer.model_id])
         self.metrics.set_detector_ready(self.scorer.model_id, True)
 

@@ -12,9 +12,9 @@ ray_pel_faces_skipped_total            counter    faces found beyond faces.max_f
 ray_pel_face_score                     histogram  model; fake probability of each face, 0..1
 ray_pel_clip_score                     histogram  model; fake probability of each clip, 0..1
 ray_pel_frames_total                   counter    stage (decoded/sampled/dropped)
-ray_pel_inference_batch_size           histogram  model; crops per detector batch
+ray_pel_inference_batch_size           histogram  model; crops per model call
 ray_pel_inference_crops_total          counter    model; crops sent through the detector
-ray_pel_inference_seconds              histogram  model; detector time per batch
+ray_pel_inference_seconds              histogram  model; time per model call
 ray_pel_clip_latency_seconds           histogram  model; end of clip (media time) to verdict
 ray_pel_active_streams                 gauge      streams being decoded by this worker
 ray_pel_queue_depth                    gauge      jobs waiting in Redis (cluster-wide: use max)
@@ -73,10 +73,10 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pel_clip_score": ("histogram", "Fake probability of each clip verdict (0..1)", ("model",)),
     "pel_frames_total": ("counter", "Video frames by stage: decoded, sampled, dropped",
                          ("stage",)),
-    "pel_inference_batch_size": ("histogram", "Face crops per detector batch", ("model",)),
+    "pel_inference_batch_size": ("histogram", "Face crops per model call (a merged batch is split into calls of at most detector.cpu_batch_size on CPU)", ("model",)),
     "pel_inference_crops_total": ("counter", "Face crops sent through the detector",
                                   ("model",)),
-    "pel_inference_seconds": ("histogram", "Detector inference time per batch, seconds",
+    "pel_inference_seconds": ("histogram", "Detector inference time per model call, seconds",
                               ("model",)),
     "pel_clip_latency_seconds": ("histogram", "End of clip (media time) to verdict written, "
                                  "seconds", ("model",)),

@@ -14,6 +14,8 @@ Keys (``P`` = `RedisConfig.prefix`, default ``pel``; use ``{pel}`` on Redis Clus
 * ``P:jobs:active``   ZSET of queued/running job ids (score: time first seen).
 * ``P:deadletter``    STREAM of jobs given up on: job_id, url (redacted), reason, attempts,
                       time, entry_id, consumer, raw (redacted payload, invalid jobs only).
+* ``P:deadletter:counted`` STRING: the last dead letter the metrics counted (the Moderator's
+                      cursor, `workers.dead_letter_tally`).
 
 Semantics: a claimed job is pending on its stream entry. A worker renews its lease with
 `JobQueue.keepalive` (the `Lease` thread does it every ``lease_seconds / 3``); an entry idle for
@@ -181,6 +183,10 @@ class QueueKeys:
     @property
     def deadletter(self) -> str:
         return f"{self.prefix}:deadletter"
+
+    @property
+    def deadletter_counted(self) -> str:
+        return f"{self.prefix}:deadletter:counted"
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"

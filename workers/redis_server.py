@@ -241,7 +241,7 @@ def resolve_redis_url(cfg: RedisConfig) -> str:
         url, _singleton = start_embedded_redis(cfg.embedded_port, data_dir, appendonly=True)
         log.warning(
             "redis.url is not set: started an EMBEDDED redis-server (%s) at %s, data in %s. "
-            "It outlives the application (stop it with `redis-cli -p %d shutdown`); set "
+            "Its data persists; if it is left running, `redis-cli -p %d shutdown` stops it; set "
             "redis.url for production.", _singleton.binary, url, data_dir, cfg.embedded_port,
         )
         return url

@@ -68,7 +68,8 @@ class StreamWorker:
         return {"consumer": self.queue.consumer, "active_jobs": sorted(self.active),
                 "threads_alive": sum(t.is_alive() for t in self.threads),
                 "draining": self.draining.is_set(), "model_ready": self.info is not None,
-                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "worker_id": ray.get_runtime_context().get_worker_id()}  # metrics' WorkerId
 
     def drain(self) -> None:
         """Stop claiming jobs; running ones finish. Idle once `threads_alive` is 0."""
@@ -89,6 +90,8 @@ class StreamWorker:
                     info = self.detector.info.remote().result(timeout_s=INFO_TIMEOUT_S)
                     self.info = ModelInfo(**{k: v for k, v in info.items()
                                              if k in ModelInfo.__dataclass_fields__})
+                    # zero series of this process, so rate() sees its first events
+                    self.metrics.preregister([self.info.model_id])
                 except Exception as exc:  # replica starting, or the request was lost: ask again
                     log.warning("detector info not available yet (%s: %s); asking again",
                                 type(exc).__name__, exc)
@@ -119,6 +122,8 @@ class StreamWorker:
             if new:  # replays overwrite and are not counted twice
                 m.clip(verdict["label"], verdict["model"], verdict["fake_probability"],
                        time.time() - clip_ready)
+                if verdict["label"] == "error":  # the detector failed past its retry budget
+                    m.stream_error("detector")
                 m.faces_skipped(verdict.get("faces_skipped", 0))
 
         def on_scored(verdict: dict, scored: list) -> None:
