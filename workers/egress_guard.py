@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import re
 import secrets
 import selectors
 import socket
@@ -45,6 +44,9 @@ class EgressEvent:
     target: str  # host:port (no path, no credentials)
     allowed: bool
     detail: str  # refusal reason, or the address connected to
+
+
+CONNECT_FAILED = "connect failed: "  # detail of an allowed connection that could not be made
 
 
 @dataclass
@@ -235,7 +237,8 @@ class EgressGuard:
                 return upstream
             except OSError as exc:
                 last = exc
-        session.record(EgressEvent(where, True, f"connect failed: {last}"))
+        why = getattr(last, "strerror", None) or str(last)  # "Connection refused", no errno
+        session.record(EgressEvent(where, True, CONNECT_FAILED + why))
         raise _Refused(502, f"cannot connect to {where}: {last}")
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
@@ -290,9 +293,9 @@ def describe_connect_failure(session: Optional[GuardSession]) -> Optional[str]:
     if session is None or not session.events:
         return None
     e = session.events[-1]
-    if not (e.allowed and e.detail.startswith("connect failed")):
+    if not (e.allowed and e.detail.startswith(CONNECT_FAILED)):
         return None
-    why = re.sub(r"^\[Errno -?\d+\] ", "", e.detail[len("connect failed: "):])
+    why = e.detail[len(CONNECT_FAILED):]
     return f"cannot connect to {redact_url('http://' + e.target)[7:]}: {why}"
 
 

@@ -21,8 +21,8 @@ Semantics: a claimed job is pending on its stream entry. A worker renews its lea
 `JobQueue.keepalive` (the `Lease` thread does it every ``lease_seconds / 3``); an entry idle for
 ``lease_seconds`` (its worker died) is taken over by the next `claim` via XAUTOCLAIM. Attempts
 are the entry's delivery count; an explicit `fail` is redelivered after a backoff
-(``retry_backoff_s``, doubling, at most a lease); after ``max_attempts`` failed attempts (explicit `fail` or lease
-expiry) the job is dead-lettered and its state becomes ``failed``. Invalid payloads are
+(``retry_backoff_s``, doubling, at most a lease); after ``max_attempts`` failed attempts
+(explicit `fail` or lease expiry) the job is dead-lettered and its state becomes ``failed``. Invalid payloads are
 dead-lettered on first read. Writes from a worker that lost its lease are refused (fenced).
 Resubmitting an existing job id starts a fresh state record for it.
 """
